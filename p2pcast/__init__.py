@@ -1,0 +1,3 @@
+"""p2pcast: peer-to-peer container-image broadcast for HPC clusters."""
+
+__version__ = "0.1.0"
