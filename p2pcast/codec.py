@@ -50,6 +50,15 @@ def decode_chunk(codec: Codec, stored: BytesLike, raw_size: int) -> BytesLike:
             raise ChunkCorrupt(f"raw chunk has {len(stored)} bytes, manifest says {raw_size}")
         return stored
     try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(f"zstd chunk has no valid frame header: {exc}") from exc
+    # decompress() allocates the size the frame header declares before it looks
+    # at max_output_size, so a header that lies must be refused first (-1 means
+    # "not declared"; then max_output_size bounds the buffer).
+    if declared not in (-1, raw_size):
+        raise ChunkCorrupt(f"zstd chunk declares {declared} bytes, manifest says {raw_size}")
+    try:
         raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_size)
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(f"zstd chunk does not decompress: {exc}") from exc

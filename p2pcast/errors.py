@@ -22,6 +22,8 @@
     │   ├── StoreError                cache/staging disk problem (full disk, EIO)
     │   ├── StageError                could not stage (mount, unpack)
     │   └── DaemonUnavailable         no daemon answers on the control socket
+    ├── InternalError                 p2pcast itself is wrong: a bug, not bad input
+    │   └── LocalProtocolError        our code used the wire protocol illegally
     └── CancelledBroadcast            the broadcast was cancelled on request
 
 Foreign exceptions (msgpack, zstandard, OSError from sockets or files) are
@@ -121,6 +123,20 @@ class StageError(LocalError):
 
 class DaemonUnavailable(LocalError):
     pass
+
+
+class InternalError(P2PCastError):
+    """A bug in p2pcast: no input from a user or peer should cause it."""
+
+    exit_code = 7
+
+
+class LocalProtocolError(InternalError):
+    """This node tried to send something the wire protocol forbids right now.
+
+    The peer is blameless (compare ProtocolError); the caller broke a rule of
+    the connection API, e.g. answered a request it never received.
+    """
 
 
 class CancelledBroadcast(P2PCastError):

@@ -8,6 +8,7 @@ from the trusted origin) is checked before an image is used.
 from __future__ import annotations
 
 import hashlib
+
 import xxhash
 
 #: What the hashing and codec functions accept without copying.
@@ -22,6 +23,6 @@ def chunk_digest(data: BytesLike) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-def image_hasher() -> "hashlib._Hash":
+def image_hasher() -> hashlib._Hash:
     """A fresh sha256 for a whole image."""
     return hashlib.sha256()

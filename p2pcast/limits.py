@@ -23,6 +23,11 @@ MIN_CHUNK_SIZE = 64 * KiB
 #: link, so this bounds the memory a peer can make us commit per connection.
 MAX_CHUNK_SIZE = 64 * MiB
 
+#: Largest chunk body on the wire: a stored chunk is at most MAX_CHUNK_SIZE raw
+#: bytes plus zstd's worst-case expansion (manifest.MAX_STORED_OVERHEAD), so a
+#: longer body is a lie, and receivers can size one buffer per link by it.
+MAX_CHUNK_BODY = MAX_CHUNK_SIZE + 64 * KiB
+
 #: Largest image: 20 GB is the largest seen in practice; 1 TiB leaves headroom
 #: without letting a bogus manifest ask for absurd preallocation.
 MAX_IMAGE_SIZE = 1024 * GiB
@@ -43,6 +48,13 @@ MAX_NAME_LENGTH = 1024
 
 #: Longest node name accepted from a peer's handshake (DNS label limit x4).
 MAX_NODE_NAME = 255
+
+#: Longest reason string in a Reject or Goodbye: it is for a log line.
+MAX_REASON_LENGTH = 256
+
+#: Largest handshake credential: a munge credential is a few hundred bytes, a
+#: shared-secret MAC far less; 4 KiB leaves room without inviting a payload.
+MAX_AUTH_BYTES = 4 * KiB
 
 #: Swarms one connection may subscribe to; one per image a job asks for, so a
 #: handful in practice.

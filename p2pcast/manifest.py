@@ -98,7 +98,7 @@ class Manifest:
         return sum(self.stored_sizes)
 
     def encode(self) -> bytes:
-        body = msgpack.packb(
+        body: bytes = msgpack.packb(
             {
                 "v": self.version,
                 "name": self.name,

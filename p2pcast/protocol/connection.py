@@ -1,0 +1,450 @@
+"""One peer link as a sans-IO state machine (h11 style).
+
+Bytes in with ``receive_data``, events out with ``next_event``; commands return
+the bytes to send. The connection owns every protocol rule (handshake, who may
+send what, per-link bounds, which answers were asked for) so the transport and
+the swarm layer can trust each event they get.
+
+The state of the receive side is in one table, ``TRANSITIONS``: a pair missing
+from it is illegal. Send-side rules (role, hello first, nothing after our
+goodbye) are checked per command and raise LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, cast
+
+from p2pcast import limits
+from p2pcast.errors import HandshakeError, LocalProtocolError, P2PCastError, ProtocolError
+from p2pcast.protocol import messages as m
+from p2pcast.protocol.frames import FrameDecoder, encode_frame
+from p2pcast.protocol.messages import NEED_DATA, Event, FileSlice, NeedData
+
+
+class Role(enum.Enum):
+    DOWNSTREAM = "downstream"  # connected; wants chunks
+    UPSTREAM = "upstream"  # accepted; serves chunks
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "AWAIT_HELLO"  # nothing but the peer's Hello is acceptable
+    OPEN = "OPEN"
+    BODY = "BODY"  # the bytes coming in are a chunk body, not frames
+    CLOSED = "CLOSED"  # Goodbye either way, EOF, or a ProtocolError
+
+
+class Input(enum.Enum):
+    """What can move the receive-side state: a peer message, or something else.
+
+    A message's member has the message class name as its value (``Input("Have")``).
+    """
+
+    HELLO = "Hello"
+    SUBSCRIBE = "Subscribe"
+    BITFIELD = "Bitfield"
+    HAVE = "Have"
+    REQUEST = "Request"
+    CHUNK = "Chunk"
+    REJECT = "Reject"
+    CANCEL = "Cancel"
+    DONE = "Done"
+    GOODBYE = "Goodbye"
+    BODY_DATA = "body bytes"
+    BODY_END = "end of body"
+    EOF = "EOF"
+    SEND_GOODBYE = "our goodbye()"
+    PROTOCOL_ERROR = "protocol error"
+
+
+_S, _I = State, Input
+_MESSAGE_INPUTS = (_I.SUBSCRIBE, _I.BITFIELD, _I.HAVE, _I.REQUEST, _I.REJECT, _I.CANCEL, _I.DONE)
+
+#: The receive-side state machine; a pair that is missing is illegal.
+TRANSITIONS: dict[tuple[State, Input], State] = {
+    (_S.AWAIT_HELLO, _I.HELLO): _S.OPEN,
+    (_S.AWAIT_HELLO, _I.EOF): _S.CLOSED,
+    (_S.AWAIT_HELLO, _I.SEND_GOODBYE): _S.CLOSED,
+    (_S.AWAIT_HELLO, _I.PROTOCOL_ERROR): _S.CLOSED,
+    **{(_S.OPEN, kind): _S.OPEN for kind in _MESSAGE_INPUTS},
+    (_S.OPEN, _I.CHUNK): _S.BODY,
+    (_S.OPEN, _I.GOODBYE): _S.CLOSED,
+    (_S.OPEN, _I.EOF): _S.CLOSED,
+    (_S.OPEN, _I.SEND_GOODBYE): _S.CLOSED,
+    (_S.OPEN, _I.PROTOCOL_ERROR): _S.CLOSED,
+    (_S.BODY, _I.BODY_DATA): _S.BODY,
+    (_S.BODY, _I.BODY_END): _S.OPEN,
+    (_S.BODY, _I.SEND_GOODBYE): _S.CLOSED,
+    (_S.BODY, _I.PROTOCOL_ERROR): _S.CLOSED,
+    # Replying to the peer's Goodbye, or telling it why we fail it, is allowed
+    # once (the _goodbye_sent flag), though nothing more will be received.
+    (_S.CLOSED, _I.SEND_GOODBYE): _S.CLOSED,
+}
+
+#: Which peer messages each role may receive (the other role may send them).
+RECEIVES: dict[Role, frozenset[Input]] = {
+    Role.DOWNSTREAM: frozenset({_I.HELLO, _I.BITFIELD, _I.HAVE, _I.CHUNK, _I.REJECT, _I.GOODBYE}),
+    Role.UPSTREAM: frozenset({_I.HELLO, _I.SUBSCRIBE, _I.REQUEST, _I.CANCEL, _I.DONE, _I.GOODBYE}),
+}
+
+_Key = tuple[bytes, int]  # (image_id, index) of one chunk request
+
+
+class _Swarm:
+    """What one link knows about one image it is subscribed to."""
+
+    __slots__ = ("chunk_count", "done")
+
+    def __init__(self) -> None:
+        self.chunk_count: int | None = None  # set by the Bitfield
+        self.done = False  # the downstream said Done
+
+
+#: The event reporting each peer message; its fields are a subset of the message's.
+_EVENT_OF: dict[type[m.Message], type[Event]] = {
+    m.Hello: m.HelloReceived,
+    m.Subscribe: m.Subscribed,
+    m.Bitfield: m.BitfieldReceived,
+    m.Have: m.HaveReceived,
+    m.Request: m.ChunkRequested,
+    m.Chunk: m.ChunkHeaderReceived,
+    m.Reject: m.RequestRejected,
+    m.Cancel: m.RequestCancelled,
+    m.Done: m.PeerDone,
+    m.Goodbye: m.PeerClosed,
+}
+
+
+def _event_for(msg: m.Message) -> Event:
+    event_cls = _EVENT_OF[type(msg)]
+    names = (f.name for f in dataclasses.fields(cast(Any, event_cls)))
+    return event_cls(**{name: getattr(msg, name) for name in names})
+
+
+class PeerConnection:
+    """The protocol state of one TCP link, seen from one end."""
+
+    def __init__(
+        self, role: Role, node: str, *, version: int = m.PROTOCOL_VERSION, auth: bytes = b""
+    ) -> None:
+        self.role = role
+        self.peer_role = Role.UPSTREAM if role is Role.DOWNSTREAM else Role.DOWNSTREAM
+        self._hello = m.Hello(version=version, node=node, auth=auth)
+        if (why := self._hello.problem()) is not None:
+            raise LocalProtocolError(why)
+        self.node = node
+        self.version = version
+        self.peer_node: str | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0  # headers and bodies
+        self._state = State.AWAIT_HELLO
+        self._failure: ProtocolError | None = None
+        self._decoder = FrameDecoder()
+        self._eof = False
+        self._hello_sent = False
+        self._goodbye_sent = False
+        self._swarms: dict[bytes, _Swarm] = {}
+        # Upstream: requests received and neither answered nor cancelled.
+        # Downstream: requests sent and neither answered nor cancelled.
+        self._pending: set[_Key] = set()
+        # Downstream: answers that may still come per request key. A Cancel can
+        # cross the Chunk or Reject on the wire, so the upstream either answers
+        # a cancelled request or drops it, and we cannot tell which: cancelled
+        # keys stay here until answered, and an answer is legal while due.
+        self._answers_due: dict[_Key, int] = {}
+        self._body_key: _Key = (b"", 0)
+        self._body_remaining = 0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def body_remaining(self) -> int:
+        """Bytes of the current chunk body still to come (0 outside BODY)."""
+        return self._body_remaining if self._state is State.BODY else 0
+
+    @property
+    def subscriptions(self) -> frozenset[bytes]:
+        return frozenset(self._swarms)
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests neither answered nor cancelled (received if upstream, sent if downstream)."""
+        return len(self._pending)
+
+    def is_pending(self, image_id: bytes, index: int) -> bool:
+        return (image_id, index) in self._pending
+
+    # ---- receiving ----------------------------------------------------------
+
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Feed bytes from the socket; ``b""`` means the peer closed its end."""
+        if self._state is State.CLOSED:
+            self._raise_if_failed()
+            return  # after a clean close, late bytes are irrelevant
+        if self._eof:
+            raise LocalProtocolError("receive_data() after EOF")
+        if not data:
+            self._eof = True
+            return
+        self.bytes_received += data.nbytes if isinstance(data, memoryview) else len(data)
+        self._decoder.feed(data)
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or NEED_DATA; peer misbehaviour raises ProtocolError."""
+        if self._state is State.CLOSED:
+            self._raise_if_failed()
+            return NEED_DATA
+        try:
+            return self._next_event()
+        except ProtocolError as exc:
+            self._failure = exc
+            self._state = TRANSITIONS[self._state, _I.PROTOCOL_ERROR]
+            raise
+
+    def _next_event(self) -> Event | NeedData:
+        while True:
+            if self._state is State.BODY:
+                return self._next_body_event()
+            header = self._decoder.next_header()
+            if header is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._decoder.buffered:
+                    raise ProtocolError("connection closed mid-frame")
+                self._state = self._transition(_I.EOF)
+                return m.PeerClosed(None, "connection closed without Goodbye")
+            mtype = header[0]  # the decoder checked it is an int
+            cls = m.MESSAGE_TYPES.get(mtype) if isinstance(mtype, int) else None
+            if cls is None:
+                raise ProtocolError(f"unknown message type {mtype!r}")
+            msg = cls.parse(header)
+            kind = Input(cls.__name__)  # Input values are the message class names
+            if kind not in RECEIVES[self.role]:
+                raise ProtocolError(f"a {self.role.value} must not receive {cls.__name__}")
+            new_state = self._transition(kind)
+            if isinstance(msg, m.Hello):
+                self._check_hello(msg)
+            report = self._track(msg, ProtocolError)
+            self._state = new_state
+            if report:
+                return _event_for(msg)
+            # else: a frame with nothing to report; look at the next one
+
+    def _next_body_event(self) -> Event | NeedData:
+        if self._body_remaining == 0:
+            self._state = self._transition(_I.BODY_END)
+            return m.ChunkBodyEnded(*self._body_key)
+        if self._decoder.buffered:
+            data = self._decoder.read(self._body_remaining)
+            self._body_remaining -= len(data)
+            return m.ChunkBodyData(data)
+        if self._eof:
+            self._transition(_I.EOF)  # (BODY, EOF) is not in the table: raises
+        return NEED_DATA
+
+    def readinto_body(self, buf: memoryview) -> int:
+        """Zero-copy path: copy body bytes already buffered into ``buf``; return how many.
+
+        The transport then reads the rest of the body from the socket straight
+        into ``buf`` after them and reports it with body_received().
+        """
+        if self._state is not State.BODY:
+            raise LocalProtocolError(f"readinto_body() in state {self._state.name}")
+        n = self._decoder.read_into(buf, self._body_remaining)
+        self._body_remaining -= n
+        return n
+
+    def body_received(self, n: int) -> None:
+        """Zero-copy path: the transport read ``n`` body bytes from the socket itself."""
+        if self._state is not State.BODY:
+            raise LocalProtocolError(f"body_received() in state {self._state.name}")
+        if type(n) is not int or not 0 <= n <= self._body_remaining:
+            raise LocalProtocolError(f"body_received({n!r}) with {self._body_remaining} due")
+        if n and self._decoder.buffered:
+            # Bytes read from the socket would overtake the buffered ones.
+            raise LocalProtocolError("body_received() before readinto_body() drained the buffer")
+        self.bytes_received += n
+        self._body_remaining -= n
+
+    def _transition(self, kind: Input) -> State:
+        new_state = TRANSITIONS.get((self._state, kind))
+        if new_state is not None:
+            return new_state
+        if kind is _I.HELLO:
+            raise ProtocolError("Hello received twice")
+        if self._state is State.AWAIT_HELLO:
+            raise ProtocolError(f"expected Hello first, got {kind.value}")
+        if kind is _I.EOF:
+            raise ProtocolError(
+                f"connection closed mid-frame ({self.body_remaining} body bytes due)"
+            )
+        raise ProtocolError(f"{kind.value} is illegal in state {self._state.name}")
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise ProtocolError(f"connection already failed: {self._failure}")
+
+    def _check_hello(self, msg: m.Hello) -> None:
+        if msg.proto != m.PROTOCOL_NAME:
+            raise HandshakeError(f"peer speaks {msg.proto!r}, not {m.PROTOCOL_NAME!r}")
+        if msg.version != self.version:
+            raise HandshakeError(f"peer speaks version {msg.version}, we speak {self.version}")
+        self.peer_node = msg.node
+
+    # ---- per-link rules, one copy for both directions -------------------------
+
+    def _track(self, msg: m.Message, err: type[P2PCastError]) -> bool:
+        """Check and record one message, sent (err=LocalProtocolError) or received
+        (err=ProtocolError). Each message goes one way only, so our role says which.
+        Returns False for a received message with nothing to report.
+        """
+        upstream = self.role is Role.UPSTREAM
+        match msg:
+            case m.Subscribe(image_id=image_id):
+                if image_id in self._swarms:
+                    # Each Subscribe costs a Bitfield of up to 32 KiB: no repeats.
+                    raise err(f"Subscribe to image {image_id.hex()} twice")
+                if len(self._swarms) >= limits.MAX_SUBSCRIPTIONS_PER_LINK:
+                    raise err(f"over {limits.MAX_SUBSCRIPTIONS_PER_LINK} subscriptions on a link")
+                self._swarms[image_id] = _Swarm()
+            case m.Bitfield(image_id=image_id, chunk_count=count):
+                swarm = self._swarm(msg, image_id, err)
+                if swarm.chunk_count is not None:
+                    raise err(f"second Bitfield for image {image_id.hex()}")
+                swarm.chunk_count = count
+            case m.Have(image_id=image_id, index=index):
+                known = self._swarm(msg, image_id, err).chunk_count
+                if known is None or index >= known:
+                    raise err(f"Have {index} not covered by a Bitfield (chunk count {known})")
+            case m.Request(image_id=image_id, index=index):
+                swarm = self._swarm(msg, image_id, err)
+                if swarm.done:
+                    raise err("Request after Done")
+                if swarm.chunk_count is not None and index >= swarm.chunk_count:
+                    raise err(f"Request {index} beyond chunk count {swarm.chunk_count}")
+                if (image_id, index) in self._pending:
+                    raise err(f"duplicate Request for chunk {index}")
+                # The upstream's pending set is always a subset of the
+                # downstream's, so a downstream that keeps this bound is safe.
+                if len(self._pending) >= limits.MAX_QUEUED_REQUESTS_PER_LINK:
+                    raise err(f"over {limits.MAX_QUEUED_REQUESTS_PER_LINK} requests pending")
+                self._pending.add((image_id, index))
+                if not upstream:
+                    self._answers_due[image_id, index] = (
+                        self._answers_due.get((image_id, index), 0) + 1
+                    )
+            case m.Cancel(image_id=image_id, index=index):
+                self._swarm(msg, image_id, err)
+                if (image_id, index) not in self._pending:
+                    if upstream:
+                        return False  # we answered it already: the Cancel crossed our answer
+                    raise err(f"Cancel of chunk {index}, which is not pending")
+                self._pending.remove((image_id, index))  # downstream: still due
+            case m.Done(image_id=image_id):
+                swarm = self._swarm(msg, image_id, err)
+                if swarm.done:
+                    raise err(f"Done for image {image_id.hex()} twice")
+                swarm.done = True
+            case m.Chunk(image_id=image_id, index=index) | m.Reject(image_id=image_id, index=index):
+                self._answered(msg, (image_id, index), err)
+                if isinstance(msg, m.Chunk) and not upstream:
+                    self._body_key, self._body_remaining = (image_id, index), msg.length
+        return True
+
+    def _swarm(self, msg: m.Message, image_id: bytes, err: type[P2PCastError]) -> _Swarm:
+        swarm = self._swarms.get(image_id)
+        if swarm is None:
+            raise err(f"{type(msg).__name__} for image {image_id.hex()}, not subscribed")
+        return swarm
+
+    def _answered(self, msg: m.Message, key: _Key, err: type[P2PCastError]) -> None:
+        if self.role is Role.UPSTREAM:
+            if key not in self._pending:
+                raise err(f"{type(msg).__name__} for chunk {key[1]}: not requested, or cancelled")
+            self._pending.remove(key)
+            return
+        due = self._answers_due.get(key, 0)
+        if not due:
+            raise err(f"unsolicited {type(msg).__name__} for chunk {key[1]} of {key[0].hex()}")
+        if due == 1:
+            del self._answers_due[key]
+        else:
+            self._answers_due[key] = due - 1
+        self._pending.discard(key)
+
+    # ---- commands (send side) -------------------------------------------------
+
+    def _send(self, msg: m.Message) -> bytes:
+        """Check the send rules and the message, record it, and frame it."""
+        kind = Input(type(msg).__name__)
+        if not self._hello_sent:
+            raise LocalProtocolError("hello() must be the first command")
+        if self._goodbye_sent:
+            raise LocalProtocolError("nothing may be sent after goodbye()")
+        if kind is not _I.GOODBYE:
+            if self._state is State.CLOSED:
+                raise LocalProtocolError("the connection is closed; only goodbye() is left")
+            if kind not in RECEIVES[self.peer_role]:
+                raise LocalProtocolError(f"a {self.role.value} cannot send {kind.value}")
+        if (why := msg.problem()) is not None:
+            raise LocalProtocolError(why)
+        self._track(msg, LocalProtocolError)
+        data = encode_frame(msg.encode_fields())
+        self.bytes_sent += len(data)
+        return data
+
+    def hello(self) -> bytes:
+        """Our Hello; both sides send it first, without waiting for the peer's."""
+        if self._hello_sent:
+            raise LocalProtocolError("hello() called twice")
+        self._hello_sent = True
+        data = encode_frame(self._hello.encode_fields())
+        self.bytes_sent += len(data)
+        return data
+
+    def subscribe(self, image_id: bytes) -> bytes:
+        return self._send(m.Subscribe(image_id))
+
+    def bitfield(self, image_id: bytes, chunk_count: int, bits: bytes) -> bytes:
+        return self._send(m.Bitfield(image_id, chunk_count, bits))
+
+    def have(self, image_id: bytes, index: int) -> bytes:
+        return self._send(m.Have(image_id, index))
+
+    def request(self, image_id: bytes, index: int) -> bytes:
+        return self._send(m.Request(image_id, index))
+
+    def send_chunk(
+        self, image_id: bytes, index: int, body: bytes | FileSlice
+    ) -> list[bytes | FileSlice]:
+        """``[header, body]``: the body object comes back untouched; only its length counts."""
+        if isinstance(body, FileSlice):
+            if not all(type(v) is int and v >= 0 for v in (body.fd, body.offset)):
+                raise LocalProtocolError(f"bad {body!r}")
+            length = body.length
+        elif isinstance(body, bytes):
+            length = len(body)
+        else:
+            raise LocalProtocolError(f"chunk body must be bytes or FileSlice, not {type(body)}")
+        header = self._send(m.Chunk(image_id, index, length))
+        self.bytes_sent += length
+        return [header, body]
+
+    def reject(self, image_id: bytes, index: int, reason: str) -> bytes:
+        return self._send(m.Reject(image_id, index, reason))
+
+    def cancel(self, image_id: bytes, index: int) -> bytes:
+        return self._send(m.Cancel(image_id, index))
+
+    def done(self, image_id: bytes) -> bytes:
+        return self._send(m.Done(image_id))
+
+    def goodbye(self, code: int, reason: str) -> bytes:
+        """Our last frame: allowed once, even after the peer's Goodbye or a ProtocolError."""
+        data = self._send(m.Goodbye(code, reason))
+        self._goodbye_sent = True
+        self._state = TRANSITIONS[self._state, _I.SEND_GOODBYE]
+        return data

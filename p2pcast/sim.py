@@ -1,0 +1,371 @@
+"""An in-memory cluster with a fake clock that drives the real swarm scheduler.
+
+Used by the tests (many nodes in one process, no sockets, no sleeps) and by the
+discrete-event benchmark. The network model is deliberately simple:
+
+* Each node has an uplink and a downlink capacity (bytes/s); the origin has an
+  uplink capacity. A transfer's rate is the smaller of its sender's uplink and
+  its receiver's downlink, each shared equally among the transfers using it.
+  This is pessimistic against max-min fairness (it can leave a little capacity
+  unused) but needs only local recomputation per event, so thousands of nodes
+  run in seconds.
+* Control messages (announcements, requests, cancels) arrive after a fixed
+  latency and take no bandwidth.
+* An upstream serves one chunk at a time per downstream, in request order, as
+  the daemon does (one writer per connection).
+
+Faults: a node can be killed at a time (its transfers stop, peers notice the
+link drop at once and declare it dead after ``dead_after``), and any node's
+capacities can be scaled (a straggler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable
+
+from p2pcast.swarm import (
+    ORIGIN,
+    Abort,
+    Action,
+    CancelRequest,
+    Finished,
+    ReadOrigin,
+    RequestChunk,
+    Swarm,
+    SwarmConfig,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SimSpec:
+    nodes: int
+    image_size: int
+    chunk_size: int
+    link_rate: float  # bytes/s, each direction, every node
+    origin_rate: float  # bytes/s, the origin's uplink
+    latency: float = 0.0002  # s, one way
+    dead_after: float = 1.0  # s between a link drop and declaring the peer dead
+    seed: int = 1
+    config: SwarmConfig = dataclasses.field(default_factory=SwarmConfig)
+
+    @property
+    def floor(self) -> float:
+        return self.image_size / self.link_rate
+
+
+@dataclasses.dataclass(slots=True)
+class _Flow:
+    src: int  # ORIGIN or a rank
+    dst: int
+    index: int
+    remaining: float
+    rate: float = 0.0
+    updated: float = 0.0
+    version: int = 0
+
+
+@dataclasses.dataclass
+class SimResult:
+    finish_times: dict[int, float]
+    origin_bytes: int
+    killed: set[int]
+    spec: SimSpec
+    aborted: dict[int, str]
+
+    @property
+    def last(self) -> float:
+        return max(self.finish_times.values())
+
+    @property
+    def ratio(self) -> float:
+        return self.last / self.spec.floor
+
+
+class SimCluster:
+    def __init__(self, spec: SimSpec) -> None:
+        self.spec = spec
+        self.now = 0.0
+        sizes = [
+            min(spec.chunk_size, spec.image_size - i)
+            for i in range(0, spec.image_size, spec.chunk_size)
+        ]
+        self.chunk_sizes = sizes
+        rng = random.Random(spec.seed)
+        self.swarms = [
+            Swarm(
+                chunk_sizes=sizes,
+                rank=r,
+                size=spec.nodes,
+                now=0.0,
+                rng=random.Random(rng.random()),
+                config=spec.config,
+            )
+            for r in range(spec.nodes)
+        ]
+        self.up_cap = [spec.link_rate] * spec.nodes
+        self.down_cap = [spec.link_rate] * spec.nodes
+        self.up_flows: list[set[int]] = [set() for _ in range(spec.nodes)]
+        self.down_flows: list[set[int]] = [set() for _ in range(spec.nodes)]
+        self.origin_flows: set[int] = set()
+        self.flows: dict[int, _Flow] = {}
+        self.flow_ids = itertools.count()
+        #: (src, dst) -> queue of requested indexes not yet being sent
+        self.queues: dict[tuple[int, int], deque[int]] = {}
+        self.sending: set[tuple[int, int]] = set()
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.seq = itertools.count()
+        self.alive = [True] * spec.nodes
+        self.finish_times: dict[int, float] = {}
+        self.aborted: dict[int, str] = {}
+        self.origin_bytes = 0
+        self.timers: dict[int, float] = {}
+        self.kill_progress: tuple[int, float] | None = None
+
+    # ---- scenario knobs ---------------------------------------------------
+
+    def scale_node(self, rank: int, factor: float) -> None:
+        self.up_cap[rank] *= factor
+        self.down_cap[rank] *= factor
+
+    def kill_at(self, rank: int, when: float) -> None:
+        self._at(when, lambda: self._kill(rank))
+
+    def kill_at_progress(self, rank: int, fraction: float) -> None:
+        """Kill ``rank`` when it holds ``fraction`` of the chunks."""
+        self.kill_progress = (rank, fraction)
+
+    # ---- main loop --------------------------------------------------------
+
+    def run(self, until: float = 1e6) -> SimResult:
+        for rank in range(self.spec.nodes):
+            for peer in range(self.spec.nodes):
+                if peer != rank:
+                    self.swarms[rank].peer_up(peer, 0.0)
+            self._step(rank)
+        while self.events and self.now < until:
+            when, _, fn = heapq.heappop(self.events)
+            self.now = max(self.now, when)
+            fn()
+            if len(self.finish_times) + len(self.aborted) >= sum(self.alive):
+                break
+        return SimResult(
+            finish_times=dict(self.finish_times),
+            origin_bytes=self.origin_bytes,
+            killed={r for r, a in enumerate(self.alive) if not a},
+            spec=self.spec,
+            aborted=dict(self.aborted),
+        )
+
+    def _later(self, delay: float, fn: Callable[..., None], *args: int) -> None:
+        self._at(self.now + delay, functools.partial(fn, *args))
+
+    def _at(self, when: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self.events, (when, next(self.seq), fn))
+
+    def _step(self, rank: int) -> None:
+        """Let one node's scheduler act, and arm its timer."""
+        if not self.alive[rank]:
+            return
+        swarm = self.swarms[rank]
+        for action in swarm.poll(self.now):
+            self._act(rank, action)
+        deadline = swarm.next_deadline()
+        if deadline is not None and self.timers.get(rank) != deadline:
+            self.timers[rank] = deadline
+            self._at(max(deadline, self.now), lambda: self._timer(rank, deadline))
+
+    def _timer(self, rank: int, deadline: float) -> None:
+        if self.timers.get(rank) == deadline:
+            del self.timers[rank]
+            self._step(rank)
+
+    def _act(self, rank: int, action: Action) -> None:
+        lat = self.spec.latency
+        match action:
+            case RequestChunk(peer, index):
+                self._at(self.now + lat, lambda: self._request_arrives(peer, rank, index))
+            case ReadOrigin(index):
+                self._at(self.now + 2 * lat, lambda: self._start_flow(ORIGIN, rank, index))
+            case CancelRequest(peer, index):
+                self._at(self.now + lat, lambda: self._cancel_arrives(peer, rank, index))
+            case Finished():
+                self.finish_times[rank] = self.now
+            case Abort(reason):
+                self.aborted[rank] = reason
+
+    # ---- requests and transfers -------------------------------------------
+
+    def _request_arrives(self, src: int, dst: int, index: int) -> None:
+        if not self.alive[src]:
+            return
+        if not self.swarms[src].have[index]:
+            self._at(self.now + self.spec.latency, lambda: self._rejected(dst, src, index))
+            return
+        self.queues.setdefault((src, dst), deque()).append(index)
+        self._pump(src, dst)
+
+    def _rejected(self, dst: int, src: int, index: int) -> None:
+        if self.alive[dst]:
+            self.swarms[dst].chunk_failed(index, src, self.now, corrupt=False)
+            self._step(dst)
+
+    def _cancel_arrives(self, src: int, dst: int, index: int) -> None:
+        queue = self.queues.get((src, dst))
+        if queue and index in queue:
+            queue.remove(index)
+
+    def _pump(self, src: int, dst: int) -> None:
+        queue = self.queues.get((src, dst))
+        if (src, dst) in self.sending or not queue:
+            return
+        self.sending.add((src, dst))
+        self._start_flow(src, dst, queue.popleft())
+
+    def _start_flow(self, src: int, dst: int, index: int) -> None:
+        if not self.alive[dst] or (src != ORIGIN and not self.alive[src]):
+            return
+        fid = next(self.flow_ids)
+        size = self.chunk_sizes[index]
+        self.flows[fid] = _Flow(src, dst, index, float(size), updated=self.now)
+        if src == ORIGIN:
+            self.origin_bytes += size
+            self.origin_flows.add(fid)
+        else:
+            self.up_flows[src].add(fid)
+        self.down_flows[dst].add(fid)
+        self._rerate(src, dst)
+
+    def _capacity(self, resource: tuple[str, int]) -> float:
+        kind, rank = resource
+        if kind == "o":
+            return self.spec.origin_rate
+        return self.up_cap[rank] if kind == "u" else self.down_cap[rank]
+
+    def _rerate(self, src: int, dst: int) -> None:
+        """Max-min fair rates for all flows (progressive filling with a heap).
+
+        Every flow crosses two resources: its sender's uplink (or the origin's)
+        and its receiver's downlink. The most constrained resource fixes the
+        rate of its flows first; what they leave unused goes to the others.
+        """
+        del src, dst  # allocation is global: a change ripples along flows
+        users: dict[tuple[str, int], list[int]] = {}
+        for fid, flow in self.flows.items():
+            up = ("o", 0) if flow.src == ORIGIN else ("u", flow.src)
+            users.setdefault(up, []).append(fid)
+            users.setdefault(("d", flow.dst), []).append(fid)
+        left = {res: self._capacity(res) for res in users}
+        count = {res: len(fids) for res, fids in users.items()}
+        stamp = dict.fromkeys(users, 0)
+        heap = [(left[res] / count[res], 0, res) for res in users]
+        heapq.heapify(heap)
+        rates: dict[int, float] = {}
+        while heap:
+            share, version, res = heapq.heappop(heap)
+            if count[res] == 0 or version != stamp[res]:
+                continue  # stale entry
+            for fid in users[res]:
+                if fid in rates:
+                    continue
+                rates[fid] = share
+                flow = self.flows[fid]
+                for other in (("o", 0) if flow.src == ORIGIN else ("u", flow.src), ("d", flow.dst)):
+                    left[other] -= share
+                    count[other] -= 1
+                    if other != res and count[other]:
+                        stamp[other] += 1
+                        share_left = max(left[other], 0.0) / count[other]
+                        heapq.heappush(heap, (share_left, stamp[other], other))
+            count[res] = 0
+        for fid, flow in self.flows.items():
+            rate = rates[fid]
+            if rate == flow.rate:
+                continue
+            flow.remaining -= flow.rate * (self.now - flow.updated)
+            flow.updated = self.now
+            flow.rate = rate
+            flow.version += 1
+            finish = self.now + max(flow.remaining, 0.0) / rate
+            version = flow.version
+            self._at(finish, functools.partial(self._flow_done, fid, version))
+
+    def _flow_done(self, fid: int, version: int) -> None:
+        flow = self.flows.get(fid)
+        if flow is None or flow.version != version:
+            return
+        del self.flows[fid]
+        self.down_flows[flow.dst].discard(fid)
+        if flow.src == ORIGIN:
+            self.origin_flows.discard(fid)
+        else:
+            self.up_flows[flow.src].discard(fid)
+            self.sending.discard((flow.src, flow.dst))
+        self._rerate(flow.src, flow.dst)
+        if flow.src != ORIGIN:
+            self._pump(flow.src, flow.dst)
+        self._deliver(flow.dst, flow.src, flow.index)
+
+    def _deliver(self, rank: int, src: int, index: int) -> None:
+        swarm = self.swarms[rank]
+        fresh = not swarm.have[index]
+        swarm.chunk_received(index, src, self.now)
+        if fresh:
+            for peer in range(self.spec.nodes):
+                if peer != rank and self.alive[peer]:
+                    self._later(self.spec.latency, self._announce, peer, rank, index)
+            kill = self.kill_progress
+            if kill and kill[0] == rank and swarm.have_count >= kill[1] * swarm.chunk_count:
+                self.kill_progress = None
+                self._kill(rank)
+                return
+        self._step(rank)
+
+    def _announce(self, rank: int, src: int, index: int) -> None:
+        if self.alive[rank]:
+            self.swarms[rank].have_announced(src, index, self.now)
+            self._step(rank)
+
+    # ---- faults -----------------------------------------------------------
+
+    def _kill(self, rank: int) -> None:
+        self.alive[rank] = False
+        for fid, flow in list(self.flows.items()):
+            if rank in (flow.src, flow.dst):
+                del self.flows[fid]
+                self.down_flows[flow.dst].discard(fid)
+                if flow.src == ORIGIN:
+                    self.origin_flows.discard(fid)
+                else:
+                    self.up_flows[flow.src].discard(fid)
+                    self.sending.discard((flow.src, flow.dst))
+                self._rerate(flow.src, flow.dst)
+        for (src, dst), _queue in list(self.queues.items()):
+            if rank in (src, dst):
+                del self.queues[(src, dst)]
+        for peer in range(self.spec.nodes):
+            if peer != rank and self.alive[peer]:
+                self._later(self.spec.latency, self._lost, peer, rank)
+                self._later(self.spec.dead_after, self._dead, peer, rank)
+
+    def _lost(self, rank: int, peer: int) -> None:
+        if self.alive[rank]:
+            self.swarms[rank].peer_down(peer, self.now)
+            self._step(rank)
+
+    def _dead(self, rank: int, peer: int) -> None:
+        if self.alive[rank]:
+            self.swarms[rank].peer_dead(peer, self.now)
+            self._step(rank)
+
+
+def simulate(spec: SimSpec, setup: Callable[[SimCluster], None] | None = None) -> SimResult:
+    cluster = SimCluster(spec)
+    if setup is not None:
+        setup(cluster)
+    return cluster.run()

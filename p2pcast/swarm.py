@@ -1,0 +1,506 @@
+"""The swarm scheduler of one node in one broadcast: pure, sans-IO.
+
+It decides which chunk to ask of whom, and which chunks to read from the
+origin. Inputs are events (a peer announced a chunk, a chunk arrived and
+verified, a link went down) with the current time ``now``; outputs are
+actions returned by :meth:`Swarm.poll`. No sockets, files, clocks or global
+randomness: the same object runs in the daemon, in the in-memory test network
+and in the simulator.
+
+The plan it follows, and why:
+
+* **Scattered origin reads.** Chunk ``i`` is read from the origin by rank
+  ``i mod N`` (its *owner*). Interleaving means every node has something to
+  offer from the first chunk on, and the origin serves each chunk once.
+* **A ring first, the mesh when it pays.** Each node asks its ring
+  predecessor first: every node is the preferred upstream of exactly one
+  other, so each uplink has one dedicated consumer, as in a ring allgather
+  (in ~ out ~ S per node: the floor S/B). A small extra window lets a node
+  also pull from any other holder, which keeps links busy at start-up and
+  routes around a slow or dead predecessor.
+* **Owners that are slow or gone are replaced.** An owner whose announced
+  progress on its own chunks falls far behind the others' (or whose link is
+  declared dead) loses its unannounced chunks to the next healthy rank, which
+  every node computes alike from what it sees, so the reassignment needs no
+  extra messages. A node that sees itself slow stops reading new chunks.
+* **Nothing can stall forever.** A request unanswered past a deadline is
+  cancelled and asked elsewhere; a chunk that nobody has after a stall timeout
+  is read from the origin by whoever needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import random
+import statistics
+from collections.abc import Iterable, Sequence
+
+#: Source id meaning "the origin" in actions and events.
+ORIGIN = -1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SwarmConfig:
+    #: Requests in flight to one peer: one being sent and one queued behind it,
+    #: so the upstream never waits a round trip between two chunks.
+    peer_window: int = 2
+    #: Requests in flight from all peers together. Beyond peer_window,
+    #: those slots pull from other holders (rarest first) and keep links busy.
+    total_window: int = 4
+    #: Origin reads in flight: enough to hide the origin's latency (a 4 MiB
+    #: GET is ~10 ms on RGW) without hogging this node's link.
+    origin_window: int = 2
+    #: How long owners are given before their progress is judged (s): origin
+    #: connections and the first reads take a moment everywhere.
+    takeover_grace: float = 2.0
+    #: An owner is slow when its progress is below this fraction of the median.
+    slow_fraction: float = 0.5
+    #: Minimum median progress (chunks) before anyone can be judged slow.
+    slow_min_chunks: int = 3
+    #: A request older than this many expected chunk times is given up (s).
+    request_timeout_chunks: float = 8.0
+    #: Floor of the request timeout (s): scheduling noise on a loaded node.
+    request_timeout_min: float = 5.0
+    #: With no chunk arriving for this long, read a needed chunk that no peer
+    #: offers from the origin ourselves (s).
+    stall_timeout: float = 5.0
+    #: Initial estimate of one link's rate (bytes/s) until chunks are measured.
+    initial_rate: float = 100e6
+    #: How often owners' progress is re-judged (s).
+    judge_interval: float = 0.5
+    #: Reads of one chunk from the origin that may fail before giving up.
+    max_origin_failures: int = 5
+
+
+# ---- actions (what the driver must do) ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestChunk:
+    peer: int
+    index: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadOrigin:
+    index: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelRequest:
+    peer: int
+    index: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finished:
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Abort:
+    reason: str
+
+
+Action = RequestChunk | ReadOrigin | CancelRequest | Finished | Abort
+
+
+@dataclasses.dataclass(slots=True)
+class _Peer:
+    rank: int
+    chunk_count: int
+    up: bool = False
+    dead: bool = False
+    banned: bool = False
+    done: bool = False
+    bits: bytearray = dataclasses.field(default_factory=bytearray)
+    #: index -> time requested
+    inflight: dict[int, float] = dataclasses.field(default_factory=dict)
+    #: chunks this peer has that we may still want (stale entries pruned lazily)
+    offers: set[int] = dataclasses.field(default_factory=set)
+    owned_progress: int = 0
+    rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.bits = bytearray(self.chunk_count)
+
+    @property
+    def usable(self) -> bool:
+        return self.up and not self.dead and not self.banned
+
+
+class Swarm:
+    """Scheduler state of one node (rank ``rank`` of ``size``) in one swarm."""
+
+    def __init__(
+        self,
+        *,
+        chunk_sizes: Sequence[int],
+        rank: int,
+        size: int,
+        now: float,
+        rng: random.Random,
+        config: SwarmConfig = SwarmConfig(),
+        have: Iterable[int] = (),
+    ) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} outside 0..{size - 1}")
+        self.config = config
+        self.rank = rank
+        self.size = size
+        self.rng = rng
+        self.chunk_sizes = tuple(chunk_sizes)
+        self.chunk_count = len(self.chunk_sizes)
+        self.started = now
+        self.have = bytearray(self.chunk_count)
+        self.have_count = 0
+        for index in have:
+            if not self.have[index]:
+                self.have[index] = 1
+                self.have_count += 1
+        #: index -> (source, time requested)
+        self.inflight: dict[int, tuple[int, float]] = {}
+        self.origin_inflight = 0
+        self.origin_queue: list[int] = []
+        self.origin_failures: dict[int, int] = {}
+        self.peers: dict[int, _Peer] = {
+            r: _Peer(r, self.chunk_count) for r in range(size) if r != rank
+        }
+        #: how many peers announced each chunk, for rarest-first choice
+        self.holders = [0] * self.chunk_count
+        self.slow: set[int] = set()
+        self.owned_progress = 0
+        self.last_arrival = now
+        self.next_judge = now + config.takeover_grace
+        self.finished_sent = False
+        self.aborted: str | None = None
+        self.bytes_from_origin = 0
+        self.bytes_from_peers = 0
+        for index in range(rank, self.chunk_count, size):
+            if not self.have[index]:
+                self.origin_queue.append(index)
+            else:
+                self.owned_progress += 1
+        heapq.heapify(self.origin_queue)
+
+    # ---- queries ----------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.have_count == self.chunk_count
+
+    def owner(self, index: int) -> int:
+        return index % self.size
+
+    def preferred(self) -> int | None:
+        """The ring predecessor, skipping ranks known to be dead or slow."""
+        for step in range(1, self.size):
+            rank = (self.rank - step) % self.size
+            peer = self.peers[rank]
+            if not peer.dead and not peer.banned and rank not in self.slow:
+                return rank
+        return None
+
+    def backup_owner(self, index: int) -> int:
+        """First rank after the chunk's owner that is neither dead nor slow."""
+        owner = self.owner(index)
+        for step in range(self.size):
+            rank = (owner + step) % self.size
+            if rank == self.rank:
+                if rank not in self.slow:
+                    return rank
+                continue
+            peer = self.peers[rank]
+            if not (peer.dead or peer.banned or rank in self.slow):
+                return rank
+        return self.rank
+
+    def next_deadline(self) -> float | None:
+        if self.complete or self.aborted:
+            return None
+        deadlines = [self.next_judge, self.last_arrival + self.config.stall_timeout]
+        timeout = self._request_timeout()
+        deadlines.extend(t + timeout for src, t in self.inflight.values() if src != ORIGIN)
+        return min(deadlines)
+
+    # ---- events -----------------------------------------------------------
+
+    def peer_up(self, rank: int, now: float) -> None:
+        peer = self.peers[rank]
+        peer.up = True
+
+    def peer_down(self, rank: int, now: float) -> None:
+        """The link to ``rank`` closed; it may come back (peer_up) or die."""
+        peer = self.peers[rank]
+        peer.up = False
+        for index in list(peer.inflight):
+            self._drop_inflight(index)
+        peer.inflight.clear()
+
+    def peer_dead(self, rank: int, now: float) -> None:
+        self.peer_down(rank, now)
+        self.peers[rank].dead = True
+        self._reassign()
+
+    def peer_banned(self, rank: int, now: float) -> None:
+        """The peer sent corrupt data: never ask it again in this swarm."""
+        self.peers[rank].banned = True
+        self.peer_down(rank, now)
+        self._reassign()
+
+    def bitfield(self, rank: int, present: Iterable[int], now: float) -> None:
+        for index in present:
+            self.have_announced(rank, index, now)
+
+    def have_announced(self, rank: int, index: int, now: float) -> None:
+        peer = self.peers[rank]
+        if peer.bits[index]:
+            return
+        peer.bits[index] = 1
+        if self.owner(index) == rank:
+            peer.owned_progress += 1
+        self.holders[index] += 1
+        if not self.have[index]:
+            peer.offers.add(index)
+
+    def peer_done(self, rank: int, now: float) -> None:
+        self.peers[rank].done = True
+
+    def chunk_received(self, index: int, source: int, now: float) -> None:
+        """Chunk ``index`` arrived from ``source`` and passed its hash check."""
+        size = self.chunk_sizes[index]
+        requested = self._drop_inflight(index)
+        if source == ORIGIN:
+            self.bytes_from_origin += size
+        else:
+            self.bytes_from_peers += size
+            peer = self.peers[source]
+            peer.inflight.pop(index, None)
+            if requested is not None and now > requested:
+                sample = size / (now - requested)
+                peer.rate = sample if not peer.rate else 0.7 * peer.rate + 0.3 * sample
+        if self.have[index]:
+            return  # a duplicate (a cancelled request that crossed): nothing new
+        self.have[index] = 1
+        self.have_count += 1
+        self.last_arrival = now
+        if self.owner(index) == self.rank:
+            self.owned_progress += 1
+
+    def chunk_failed(self, index: int, source: int, now: float, *, corrupt: bool) -> None:
+        """A request failed: rejected, link error, or (corrupt) bad bytes."""
+        self._drop_inflight(index)
+        if source == ORIGIN:
+            failures = self.origin_failures.get(index, 0) + 1
+            self.origin_failures[index] = failures
+            if failures >= self.config.max_origin_failures:
+                self.aborted = f"chunk {index} failed {failures} times from the origin"
+            else:
+                heapq.heappush(self.origin_queue, index)
+            return
+        peer = self.peers[source]
+        peer.inflight.pop(index, None)
+        if corrupt:
+            self.peer_banned(source, now)
+        elif peer.bits[index]:
+            peer.bits[index] = 0  # it does not have it after all
+            self.holders[index] -= 1
+
+    # ---- the decision -----------------------------------------------------
+
+    def poll(self, now: float) -> list[Action]:
+        """Everything to do now; call after every event and at next_deadline()."""
+        if self.aborted:
+            return [Abort(self.aborted)]
+        if self.complete:
+            if self.finished_sent:
+                return []
+            self.finished_sent = True
+            return [Finished()]
+        actions: list[Action] = []
+        if now >= self.next_judge:
+            self.next_judge = now + self.config.judge_interval
+            self._judge(now)
+        self._expire_requests(now, actions)
+        self._stall_fallback(now)
+        self._schedule_origin(now, actions)
+        self._schedule_peers(now, actions)
+        return actions
+
+    def on_timer(self, now: float) -> list[Action]:
+        return self.poll(now)
+
+    # ---- internals --------------------------------------------------------
+
+    def _drop_inflight(self, index: int) -> float | None:
+        entry = self.inflight.pop(index, None)
+        if entry is None:
+            return None
+        source, started = entry
+        if source == ORIGIN:
+            self.origin_inflight -= 1
+        else:
+            peer = self.peers[source]
+            peer.inflight.pop(index, None)
+            if peer.bits[index] and not self.have[index]:
+                peer.offers.add(index)
+        return started
+
+    def _expected_chunk_time(self) -> float:
+        rates = [p.rate for p in self.peers.values() if p.rate]
+        rate = max(rates) if rates else self.config.initial_rate
+        return max(self.chunk_sizes, default=0) / rate
+
+    def _request_timeout(self) -> float:
+        return max(
+            self.config.request_timeout_min,
+            self.config.request_timeout_chunks * self._expected_chunk_time(),
+        )
+
+    def _expire_requests(self, now: float, actions: list[Action]) -> None:
+        timeout = self._request_timeout()
+        for index, (source, started) in list(self.inflight.items()):
+            if now - started < timeout:
+                continue
+            if source == ORIGIN:
+                continue  # the driver bounds origin reads with its own retries
+            self._drop_inflight(index)
+            peer = self.peers[source]
+            peer.rate = peer.rate / 2 if peer.rate else 1.0
+            actions.append(CancelRequest(source, index))
+
+    def _judge(self, now: float) -> None:
+        """Mark owners slow whose origin progress lags far behind the median."""
+        progress = {r: p.owned_progress for r, p in self.peers.items() if not p.dead}
+        progress[self.rank] = self.owned_progress
+        median = statistics.median(progress.values())
+        if median < self.config.slow_min_chunks:
+            return
+        threshold = self.config.slow_fraction * median
+        slow = {r for r, done in progress.items() if done + 1 < threshold}
+        if slow != self.slow:
+            self.slow = slow
+            self._reassign()
+
+    def _reassign(self) -> None:
+        """Take over the unread chunks of dead or slow owners that fall to us."""
+        gone = {r for r, p in self.peers.items() if p.dead or p.banned} | self.slow
+        if self.rank in self.slow:
+            # We are the slow one: leave our unread chunks to the backup owner.
+            self.origin_queue = [i for i in self.origin_queue if self.backup_owner(i) == self.rank]
+            heapq.heapify(self.origin_queue)
+        queued = set(self.origin_queue)
+        for owner in gone - {self.rank}:
+            peer = self.peers[owner]
+            for index in range(owner, self.chunk_count, self.size):
+                if (
+                    not self.have[index]
+                    and not peer.bits[index]
+                    and index not in self.inflight
+                    and index not in queued
+                    and self.backup_owner(index) == self.rank
+                ):
+                    heapq.heappush(self.origin_queue, index)
+                    queued.add(index)
+
+    def _stall_fallback(self, now: float) -> None:
+        """Nothing arrived for a while: read one unobtainable chunk ourselves."""
+        if now - self.last_arrival < self.config.stall_timeout:
+            return
+        if self.origin_inflight or self.origin_queue:
+            return
+        usable = [p for p in self.peers.values() if p.usable]
+        for index in range(self.chunk_count):
+            if self.have[index] or index in self.inflight:
+                continue
+            if not any(p.bits[index] for p in usable):
+                heapq.heappush(self.origin_queue, index)
+                self.last_arrival = now  # one at a time, once per stall period
+                return
+
+    def _schedule_origin(self, now: float, actions: list[Action]) -> None:
+        while self.origin_queue and self.origin_inflight < self.config.origin_window:
+            index = heapq.heappop(self.origin_queue)
+            if self.have[index] or index in self.inflight:
+                continue
+            if self.rank in self.slow and self.backup_owner(index) != self.rank:
+                continue
+            self.inflight[index] = (ORIGIN, now)
+            self.origin_inflight += 1
+            actions.append(ReadOrigin(index))
+
+    def _next_offer(self, peer: _Peer) -> int | None:
+        """The rarest chunk this peer offers (lowest index among equals).
+
+        Rarest first spreads the load over uplinks: a chunk few peers hold is
+        the one most likely to become a bottleneck later.
+        """
+        best: int | None = None
+        best_key = (0, 0)
+        stale = []
+        for index in peer.offers:
+            if self.have[index] or not peer.bits[index]:
+                stale.append(index)
+                continue
+            if index in self.inflight:
+                continue
+            key = (self.holders[index], index)
+            if best is None or key < best_key:
+                best, best_key = index, key
+        peer.offers.difference_update(stale)
+        return best
+
+    def _request(self, peer: _Peer, now: float, actions: list[Action]) -> bool:
+        index = self._next_offer(peer)
+        if index is None:
+            return False
+        peer.offers.discard(index)
+        self.inflight[index] = (peer.rank, now)
+        peer.inflight[index] = now
+        actions.append(RequestChunk(peer.rank, index))
+        return True
+
+    def _peer_inflight(self) -> int:
+        return len(self.inflight) - self.origin_inflight
+
+    def _schedule_peers(self, now: float, actions: list[Action]) -> None:
+        cfg = self.config
+        preferred_rank = self.preferred()
+        if preferred_rank is not None:
+            preferred = self.peers[preferred_rank]
+            while (
+                preferred.usable
+                and len(preferred.inflight) < cfg.peer_window
+                and self._peer_inflight() < cfg.total_window
+                and self._request(preferred, now, actions)
+            ):
+                pass
+        while self._peer_inflight() < cfg.total_window:
+            candidates = [
+                p
+                for p in self.peers.values()
+                if p.usable
+                and len(p.inflight) < cfg.peer_window
+                and p.rank not in self.slow
+                and self._next_offer(p) is not None
+            ]
+            if not candidates:
+                candidates = [
+                    p
+                    for p in self.peers.values()
+                    if p.usable
+                    and len(p.inflight) < cfg.peer_window
+                    and self._next_offer(p) is not None
+                ]
+            if not candidates:
+                return
+            # Prefer holders we have no request with (spreads load over
+            # uplinks), then the fastest measured, then chance.
+            least = min(len(p.inflight) for p in candidates)
+            candidates = [p for p in candidates if len(p.inflight) == least]
+            # Unmeasured peers count as fast, so that every holder gets tried.
+            rates = [p.rate or cfg.initial_rate for p in candidates]
+            best = max(rates)
+            fast = [p for p, r in zip(candidates, rates, strict=True) if r >= 0.5 * best]
+            self._request(self.rng.choice(fast), now, actions)
