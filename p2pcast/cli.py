@@ -1,0 +1,442 @@
+"""The ``p2pcast`` command: turns arguments into calls of the library or the daemon.
+
+Every p2pcast error ends the command with one line on stderr and the error's
+exit code; ``--json`` prints machine-readable results on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from p2pcast import __version__, control, hostlists, limits
+from p2pcast import manifest as manifest_mod
+from p2pcast.errors import ConfigError, DaemonUnavailable, P2PCastError
+from p2pcast.names import default_name_for, parse_image_ref
+
+LOOPS = ("uvloop", "asyncio")
+
+
+def run(coro: Coroutine[Any, Any, Any], loop: str = "uvloop") -> Any:
+    """Run a coroutine on the chosen event loop (uvloop imported lazily)."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1] if value and value[-1] in units else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    return int(number * units[unit])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled or not total:
+            return
+        width = 30
+        filled = int(width * done / total)
+        rate = done / max(time.monotonic() - self.started, 1e-6)
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{100 * done / total:5.1f}% {human(done)}/{human(total)} {human(rate)}/s "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+# ---- commands ------------------------------------------------------------------
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from p2pcast.origins.base import open_origin
+    from p2pcast.publish import push
+
+    ref = parse_image_ref(args.name or default_name_for(args.image))
+    bar = Progress(f"push {ref}", not args.json)
+
+    async def go() -> dict[str, Any]:
+        async with open_origin(args.dest) as origin:
+            result = await push(
+                args.image, origin, ref, chunk_size=args.chunk_size, progress=bar.update
+            )
+        m = result.manifest
+        return {
+            "image": str(ref),
+            "image_id": result.image_id.hex(),
+            "origin": args.dest,
+            "size": m.size,
+            "stored": m.stored_total,
+            "chunks": m.chunk_count,
+            "chunks_written": result.chunks_written,
+            "chunks_skipped": result.chunks_skipped,
+            "image_type": m.image_type,
+            "sha256": m.sha256.hex(),
+            "seconds": round(result.seconds, 3),
+        }
+
+    out = run(go())
+    bar.close()
+    emit(
+        args,
+        out,
+        f"pushed {out['image']} ({out['image_type']}, {human(out['size'])}, "
+        f"{out['chunks']} chunks, {out['chunks_written']} new) as {out['image_id']} "
+        f"in {out['seconds']:.2f} s",
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    async def go() -> bytes:
+        if os.path.isfile(args.image):
+            return Path(args.image).read_bytes()
+        if not args.origin:
+            raise ConfigError("inspect needs --origin (or a manifest file)")
+        from p2pcast.origins.base import open_origin
+
+        async with open_origin(args.origin) as origin:
+            return await origin.get_manifest(parse_image_ref(args.image))
+
+    m = manifest_mod.decode(run(go()))
+    info = m.to_dict()
+    if not args.chunks:
+        info.pop("chunks")
+    lines = [
+        f"name:        {m.name}",
+        f"image id:    {info['image_id']}",
+        f"type:        {m.image_type}",
+        f"size:        {m.size} ({human(m.size)})",
+        f"stored:      {m.stored_total} ({human(m.stored_total)})",
+        f"chunks:      {m.chunk_count} x {human(m.chunk_size)}",
+        f"sha256:      {m.sha256.hex()}",
+        f"format:      v{m.version}",
+    ]
+    if args.chunks:
+        lines += [
+            f"  {c['index']:6d} {c['offset']:14d} {c['stored_size']:10d} {c['codec']:4s} "
+            f"{c['xxh3_128']}"
+            for c in info["chunks"]
+        ]
+    emit(args, info, "\n".join(lines))
+    return 0
+
+
+def _fetch_request(args: argparse.Namespace) -> dict[str, Any]:
+    parse_image_ref(args.image)  # bad names fail here, before any network
+    peers = args.peers or args.node
+    names = hostlists.expand(peers) if peers else None
+    if names is not None and args.node:
+        hostlists.rank_of(names, args.node)
+    return {
+        "image": args.image,
+        "origin": args.origin,
+        "peers": args.peers,
+        "node": args.node,
+        "job": args.job or "",
+        "port": args.port,
+    }
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    request = _fetch_request(args)
+    bar = Progress(f"fetch {args.image}", not args.json)
+
+    async def via_daemon() -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        async for kind, body in control.call(args.control, "fetch", **request):
+            if kind == control.PROGRESS:
+                bar.update(int(body["bytes_done"]), int(body["bytes_total"]))
+            else:
+                result = body
+        return result
+
+    async def in_process() -> dict[str, Any]:
+        from p2pcast.daemon import Daemon, DaemonConfig
+
+        node = args.node or DaemonConfig().node
+        state = Path(args.state_dir)
+        config = DaemonConfig(
+            node=node,
+            listen=args.listen,
+            port=args.port or 0,
+            state_dir=state,
+            control_socket=str(state / "fetch.sock"),
+            origin=args.origin,
+        )
+        daemon = Daemon(config)
+        await daemon.start()
+        try:
+            broadcast = await daemon.fetch({**request, "node": node, "port": args.port})
+            while not broadcast.done.is_set():
+                bar.update(broadcast.progress()["bytes_done"], broadcast.manifest.stored_total)
+                try:
+                    await asyncio.wait_for(broadcast.done.wait(), 0.25)
+                except TimeoutError:
+                    pass
+            if broadcast.error is not None:
+                raise broadcast.error
+            await broadcast.linger()
+            return broadcast.progress()
+        finally:
+            await daemon.stop()
+
+    use_daemon = not args.in_process and os.path.exists(args.control)
+    try:
+        out = run(via_daemon() if use_daemon else in_process(), args.loop)
+    except DaemonUnavailable:
+        if args.in_process or use_daemon is False:
+            raise
+        out = run(in_process(), args.loop)
+    bar.close()
+    if args.output:
+        _copy_out(Path(out["path"]), Path(args.output))
+        out["output"] = args.output
+    emit(
+        args,
+        out,
+        f"{out['name']}: {out['state']}, {human(out['size'])} in {out['seconds']:.2f} s"
+        f" ({human(out['from_origin'])} from origin, {human(out['from_peers'])} from peers)"
+        f"{' [cached]' if out.get('cached') else ''}\n{out.get('output') or out['path']}",
+    )
+    return 0
+
+
+def _copy_out(src: Path, dest: Path) -> None:
+    """Give the user a copy (a hard link when on the same filesystem)."""
+    import shutil
+
+    tmp = dest.with_name(dest.name + ".p2pcast-tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from p2pcast.daemon import Daemon, DaemonConfig
+    from p2pcast.node import BroadcastOptions
+
+    config = DaemonConfig(
+        node=args.node or DaemonConfig().node,
+        listen=args.listen,
+        port=args.port,
+        state_dir=Path(args.state_dir),
+        control_socket=args.control,
+        origin=args.origin,
+        zero_copy=not args.no_sendfile,
+        options=BroadcastOptions(peer_timeout=args.peer_timeout),
+    )
+
+    async def go() -> None:
+        await Daemon(config).serve_forever()
+
+    run(go(), args.loop)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    out = run(control.request(args.control, "status"))
+    lines = [
+        f"{b['name']:30s} {b['state']:10s} {b['chunks_done']}/{b['chunks_total']} chunks "
+        f"{human(b['bytes_done'])}/{human(b['bytes_total'])} {b['seconds']:.1f} s {b['job']}"
+        for b in out["broadcasts"]
+    ] or ["no broadcasts"]
+    emit(args, out, "\n".join(lines))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    out: dict[str, Any]
+    if args.state_dir:
+        from p2pcast.store import NodeCache
+
+        cache = NodeCache(Path(args.state_dir) / "cache")
+        if args.action == "gc":
+            out = {"removed": [e.to_dict() for e in cache.gc(set())]}
+        else:
+            out = {"images": [e.to_dict() for e in cache.entries()]}
+    else:
+        out = run(control.request(args.control, f"cache-{args.action}"))
+    rows: list[dict[str, Any]] = out.get("images", out.get("removed", []))
+    lines = [
+        f"{e['image_id']} {e['name']:30s} {human(e['size']):>10s} "
+        f"{'complete' if e['complete'] else 'partial'}"
+        for e in rows
+    ] or ["(none)"]
+    emit(args, out, ("removed:\n" if args.action == "gc" else "") + "\n".join(lines))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from p2pcast.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---- argument parsing ----------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    control_default = env("P2PCAST_CONTROL", control.DEFAULT_SOCKET)
+    parser = argparse.ArgumentParser(
+        prog="p2pcast", description="Peer-to-peer container-image broadcast for HPC clusters."
+    )
+    parser.add_argument("--version", action="version", version=f"p2pcast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("push", help="publish an image file to an origin")
+    p.add_argument("image", help="SquashFS, tar, tar.gz or tar.zst file")
+    p.add_argument("dest", help="origin: a directory path or file:///...")
+    p.add_argument("--name", help="NAME[:TAG] (default: from the file name, tag latest)")
+    p.add_argument(
+        "--chunk-size", type=parse_size, default=limits.DEFAULT_CHUNK_SIZE, help="e.g. 4M"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("inspect", help="print an image's manifest")
+    p.add_argument("image", help="NAME[:TAG] at --origin, or a manifest file")
+    p.add_argument("--origin", default=env("P2PCAST_ORIGIN"))
+    p.add_argument("--chunks", action="store_true", help="list every chunk")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("fetch", help="join a broadcast and get an image")
+    p.add_argument("image", help="NAME[:TAG]")
+    p.add_argument("--origin", default=env("P2PCAST_ORIGIN"))
+    p.add_argument("--peers", help="hostlist of all nodes, e.g. n[1-16] (default: this node)")
+    p.add_argument("--node", help="this node's name in the hostlist")
+    p.add_argument("--port", type=int, default=None, help="peers' port")
+    p.add_argument("--job", help="job id, for status")
+    p.add_argument("--output", help="also place the image here")
+    p.add_argument("--control", default=control_default)
+    p.add_argument("--in-process", action="store_true", help="do not use the local daemon")
+    p.add_argument("--listen", default="0.0.0.0", help="in-process: address to serve peers on")
+    p.add_argument("--state-dir", default=env("P2PCAST_STATE_DIR", "/var/tmp/p2pcast-fetch"))
+    p.add_argument("--loop", choices=LOOPS, default="uvloop")
+    _common(p)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("daemon", help="run the node daemon")
+    _daemon_args(p)
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", help="progress of the daemon's broadcasts")
+    p.add_argument("--control", default=control_default)
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cache", help="list or clean the node cache")
+    p.add_argument("action", choices=("list", "gc"))
+    p.add_argument("--control", default=control_default)
+    p.add_argument("--state-dir", help="act on this state directory without a daemon")
+    _common(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("demo", help="broadcast to N local daemons and compare (no root)")
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--size", type=parse_size, default=256 << 20, help="generated image size")
+    p.add_argument("--image", help="use this image file instead of a generated tar")
+    p.add_argument("--chunk-size", type=parse_size, default=limits.DEFAULT_CHUNK_SIZE)
+    p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
+    p.add_argument("--loop", choices=LOOPS, default="uvloop")
+    p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _daemon_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    from p2pcast.daemon import DEFAULT_PORT
+
+    p.add_argument("--node", default=env("P2PCAST_NODE"), help="this node's name")
+    p.add_argument("--listen", default=env("P2PCAST_LISTEN", "0.0.0.0"), help="HSN address")
+    p.add_argument("--port", type=int, default=int(env("P2PCAST_PORT", DEFAULT_PORT)))
+    p.add_argument("--state-dir", default=env("P2PCAST_STATE_DIR", "/var/lib/p2pcast"))
+    p.add_argument("--control", default=env("P2PCAST_CONTROL", control.DEFAULT_SOCKET))
+    p.add_argument("--origin", default=env("P2PCAST_ORIGIN"), help="default origin URL")
+    p.add_argument("--peer-timeout", type=float, default=30.0)
+    p.add_argument("--loop", choices=LOOPS, default=env("P2PCAST_LOOP", "uvloop"))
+    p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(json=False)
+
+
+def _guard(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        return func(args)
+    except P2PCastError as exc:
+        print(f"p2pcast: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("p2pcast: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _guard(args.func, args)
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="p2pcastd", description="The p2pcast node daemon.")
+    _daemon_args(parser)
+    args = parser.parse_args(argv)
+    return _guard(cmd_daemon, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

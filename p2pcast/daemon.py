@@ -1,0 +1,265 @@
+"""The p2pcast daemon: composition root of one node.
+
+It owns the node cache, the peer service (listening socket and links), the
+broadcasts, the origins and the control socket, and shuts them down in a fixed
+order: control socket, broadcasts, links, origins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import random
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from p2pcast import control, hostlists
+from p2pcast import manifest as manifest_mod
+from p2pcast.errors import ConfigError, P2PCastError, ProtocolError, UserError
+from p2pcast.names import parse_image_ref
+from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
+from p2pcast.origins.base import Origin, open_origin
+from p2pcast.store import NodeCache
+
+log = logging.getLogger(__name__)
+
+#: Default peer port: unassigned by IANA, away from Slurm (6817-6819) and
+#: Ceph (3300, 6789, 6800-7300).
+DEFAULT_PORT = 7086
+
+#: How often a watching client gets a progress frame (s).
+PROGRESS_INTERVAL = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    node: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
+    listen: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    state_dir: Path = Path("/var/lib/p2pcast")
+    control_socket: str = control.DEFAULT_SOCKET
+    origin: str | None = None
+    zero_copy: bool = True
+    options: BroadcastOptions = dataclasses.field(default_factory=BroadcastOptions)
+
+
+def resolve_peers(
+    names: list[str], port: int, addresses: dict[str, str] | None = None
+) -> list[Peer]:
+    """Turn node names into addresses: an explicit map, an IP literal, or DNS."""
+    peers = []
+    for name in names:
+        target = (addresses or {}).get(name, name)
+        host, _, port_text = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
+        host = host or target
+        peer_port = int(port_text) if port_text else port
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, peer_port, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise ConfigError(f"cannot resolve peer {name!r}: {exc}") from exc
+            host = str(infos[0][4][0])
+        peers.append(Peer(name, host, peer_port))
+    return peers
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.cache = NodeCache(config.state_dir / "cache")
+        removed = self.cache.remove_partial()
+        if removed:
+            log.info("removed %d partial image(s) left by an earlier run", removed)
+        self.service = PeerService(
+            config.node, config.listen, config.port, self.cache, zero_copy=config.zero_copy
+        )
+        self.origins: dict[str, Origin] = {}
+        self.runs: dict[bytes, asyncio.Task[None]] = {}
+        self.server: asyncio.Server | None = None
+        self.stopping = asyncio.Event()
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.service.start()
+        path = Path(self.config.control_socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        self.server = await asyncio.start_unix_server(self._client, path=str(path))
+        os.chmod(path, 0o666)  # any local user may ask; the handler checks who asks
+        log.info(
+            "p2pcast daemon %s listening on %s:%d, control %s",
+            self.config.node,
+            self.config.listen,
+            self.service.port,
+            path,
+        )
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        _notify_ready()
+        await self.stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for broadcast in list(self.service.broadcasts.values()):
+            await broadcast.stop()
+        for task in self.runs.values():
+            task.cancel()
+        await asyncio.gather(*self.runs.values(), return_exceptions=True)
+        await self.service.close()
+        for origin in self.origins.values():
+            await origin.close()
+        try:
+            os.unlink(self.config.control_socket)
+        except OSError:
+            pass
+
+    # ---- control API ----------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            dec = control.decoder()
+            header = None
+            while header is None:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                dec.feed(data)
+                header = dec.next_header()
+            kind, body = control.parse(header)
+            if kind != control.REQUEST:
+                raise ProtocolError("expected a request")
+            sock = writer.get_extra_info("socket")
+            body["_uid"] = control.peer_uid(sock) if sock is not None else -1
+            await self._dispatch(body, writer)
+        except P2PCastError as exc:
+            writer.write(control.frame(control.ERROR, control.error_body(exc)))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            try:
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _dispatch(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        op = body.get("op")
+        if op == "ping":
+            result: dict[str, Any] = {"node": self.config.node, "port": self.service.port}
+        elif op == "fetch":
+            broadcast = await self.fetch(body)
+            if body.get("wait", True):
+                await self._watch(broadcast, writer)
+            result = broadcast.progress()
+            if broadcast.error is not None:
+                raise broadcast.error
+        elif op == "status":
+            result = {"broadcasts": [b.progress() for b in self.service.broadcasts.values()]}
+        elif op == "cache-list":
+            result = {"images": [e.to_dict() for e in self.cache.entries()]}
+        elif op == "cache-gc":
+            result = {"removed": await self.gc()}
+        elif op == "shutdown":
+            self.stopping.set()
+            result = {}
+        else:
+            raise UserError(f"unknown control operation {op!r}")
+        writer.write(control.frame(control.RESULT, result))
+
+    async def _watch(self, broadcast: Broadcast, writer: asyncio.StreamWriter) -> None:
+        while not broadcast.done.is_set():
+            writer.write(control.frame(control.PROGRESS, broadcast.progress()))
+            await writer.drain()
+            try:
+                await asyncio.wait_for(broadcast.done.wait(), PROGRESS_INTERVAL)
+            except TimeoutError:
+                pass
+
+    # ---- operations -----------------------------------------------------------
+
+    def origin(self, url: str | None) -> Origin:
+        url = url or self.config.origin
+        if not url:
+            raise ConfigError("no origin given and the daemon has no default origin")
+        if url not in self.origins:
+            self.origins[url] = open_origin(url)
+        return self.origins[url]
+
+    async def fetch(self, body: dict[str, Any]) -> Broadcast:
+        """Start (or join) the broadcast of an image to a set of peers."""
+        ref = parse_image_ref(str(body.get("image", "")))
+        origin = self.origin(body.get("origin"))
+        names = hostlists.expand(str(body.get("peers") or self.config.node))
+        node = str(body.get("node") or self.config.node)
+        rank = hostlists.rank_of(names, node)
+        addresses = body.get("addresses")
+        if addresses is not None and not isinstance(addresses, dict):
+            raise UserError("addresses must map node names to addresses")
+        port = int(body.get("port") or self.service.port)
+        peers = await asyncio.to_thread(resolve_peers, names, port, addresses)
+        manifest_bytes = await origin.get_manifest(ref)
+        image_id = manifest_mod.image_id_of(manifest_bytes)
+        existing = self.service.broadcasts.get(image_id)
+        if existing is not None and existing.error is None:
+            return existing  # running or seeding: join it
+        if existing is not None:
+            await existing.stop()
+        broadcast = Broadcast(
+            self.service,
+            manifest_bytes,
+            peers,
+            rank,
+            origin,
+            job=str(body.get("job", "")),
+            options=self.config.options,
+            rng=random.Random(),
+        )
+        task = asyncio.create_task(self._run(broadcast), name=f"broadcast {ref}")
+        self.runs[image_id] = task
+        task.add_done_callback(lambda _: self.runs.pop(image_id, None))
+        return broadcast
+
+    async def _run(self, broadcast: Broadcast) -> None:
+        try:
+            await broadcast.run()
+        except P2PCastError:
+            pass  # recorded in the broadcast and reported to its watchers
+
+    async def gc(self) -> list[dict[str, Any]]:
+        """Drop complete images that no broadcast is fetching."""
+        busy = {b.image_id.hex() for b in self.service.broadcasts.values() if b.state != "complete"}
+        for broadcast in list(self.service.broadcasts.values()):
+            if broadcast.state == "complete":
+                await broadcast.stop()
+        return [e.to_dict() for e in self.cache.gc(busy)]
+
+
+def _notify_ready() -> None:
+    """sd_notify(READY=1) when started by systemd with Type=notify."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"READY=1", path)
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)

@@ -1,0 +1,531 @@
+"""A node's peer service and its broadcasts: where the pure layers meet I/O.
+
+:class:`PeerService` owns the listening socket and every peer link of this
+node, shared by all broadcasts running on it. :class:`Broadcast` drives one
+image's :class:`~p2pcast.swarm.Swarm`: it turns the scheduler's actions into
+requests on links and reads from the origin, and feeds arrivals back. Chunks
+are verified (xxh3) before they are written, announced or served, and the
+whole image (sha256) before it is marked complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from p2pcast import manifest as manifest_mod
+from p2pcast.errors import (
+    ChunkCorrupt,
+    IntegrityError,
+    OriginError,
+    P2PCastError,
+    PeerError,
+    PeersUnreachable,
+)
+from p2pcast.origins.base import Origin
+from p2pcast.protocol import (
+    BitfieldReceived,
+    ChunkBodyEnded,
+    ChunkRequested,
+    Event,
+    GoodbyeCode,
+    HaveReceived,
+    HelloReceived,
+    PeerDone,
+    RequestCancelled,
+    RequestRejected,
+    Role,
+    Subscribed,
+    bit_is_set,
+    pack_bits,
+)
+from p2pcast.store import ImageFile, NodeCache
+from p2pcast.swarm import (
+    ORIGIN,
+    Abort,
+    CancelRequest,
+    Finished,
+    ReadOrigin,
+    RequestChunk,
+    Swarm,
+    SwarmConfig,
+)
+from p2pcast.transport import Listener, PeerLink, connect
+
+log = logging.getLogger(__name__)
+
+#: Back-off between connection attempts to a peer that is not up yet (s): the
+#: prologs of an allocation start within ~10 ms, daemons may lag a little.
+CONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+#: After a link drops, how long reconnection is tried before the peer is
+#: declared dead and its share of the origin reads is taken over (s).
+RECONNECT_WINDOW = 3.0
+
+#: Origin read retries back off this long times the attempt number (s).
+ORIGIN_RETRY_DELAY = 0.2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    name: str
+    host: str
+    port: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BroadcastOptions:
+    peer_timeout: float = 30.0  # s: fail if no peer at all answers within this
+    linger: float = 30.0  # s: in-process fetches serve peers this long at most after finishing
+    connect_timeout: float = 5.0  # s: one connection attempt
+    swarm: SwarmConfig = dataclasses.field(default_factory=SwarmConfig)
+
+
+class PeerService:
+    """Links of this node, shared by its broadcasts; serves chunks to peers."""
+
+    def __init__(
+        self, node: str, host: str, port: int, cache: NodeCache, *, zero_copy: bool = True
+    ) -> None:
+        self.node = node
+        self.cache = cache
+        self.zero_copy = zero_copy
+        self.listener = Listener(host, port, node, self, zero_copy=zero_copy)
+        self.port = self.listener.port
+        self.broadcasts: dict[bytes, Broadcast] = {}
+        self.out_links: dict[tuple[str, int], PeerLink] = {}
+        self.connecting: dict[tuple[str, int], asyncio.Future[PeerLink]] = {}
+        #: upstream links that asked about an image, answered or not yet
+        self.subscribers: dict[bytes, set[PeerLink]] = {}
+        self.in_links: set[PeerLink] = set()
+        self.bad_links = 0
+
+    def start(self) -> None:
+        self.listener.start()
+
+    async def close(self) -> None:
+        self.listener.close()
+        links = list(self.out_links.values()) + list(self.in_links)
+        await asyncio.gather(
+            *(link.close(GoodbyeCode.SHUTTING_DOWN, "daemon stopping") for link in links),
+            return_exceptions=True,
+        )
+
+    # ---- links we open (downstream role) -------------------------------------
+
+    async def link_to(self, peer: Peer, timeout: float) -> PeerLink:
+        """The (shared) downstream link to ``peer``, connecting if needed."""
+        link = self.out_links.get(peer.key)
+        if link is not None and not link.closed:
+            return link
+        pending = self.connecting.get(peer.key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                connect(
+                    peer.host, peer.port, self.node, self, timeout=timeout, zero_copy=self.zero_copy
+                )
+            )
+            self.connecting[peer.key] = pending
+            pending.add_done_callback(lambda _: self.connecting.pop(peer.key, None))
+        link = await asyncio.shield(pending)
+        self.out_links[peer.key] = link
+        return link
+
+    # ---- broadcasts ---------------------------------------------------------
+
+    def register(self, broadcast: Broadcast) -> None:
+        self.broadcasts[broadcast.image_id] = broadcast
+        for link in self.subscribers.get(broadcast.image_id, ()):
+            self._send_bitfield(link, broadcast)
+
+    def unregister(self, broadcast: Broadcast) -> None:
+        if self.broadcasts.get(broadcast.image_id) is broadcast:
+            del self.broadcasts[broadcast.image_id]
+
+    def announce(self, image_id: bytes, index: int) -> None:
+        for link in self.subscribers.get(image_id, ()):
+            if not link.closed and image_id in link.bitfield_sent:
+                link.send(link.conn.have(image_id, index))
+
+    def _send_bitfield(self, link: PeerLink, broadcast: Broadcast) -> None:
+        if link.closed or broadcast.image_id in link.bitfield_sent:
+            return
+        link.bitfield_sent.add(broadcast.image_id)
+        present = [i for i, h in enumerate(broadcast.swarm.have) if h]
+        count = broadcast.manifest.chunk_count
+        link.send(link.conn.bitfield(broadcast.image_id, count, pack_bits(count, present)))
+
+    # ---- LinkHandler ----------------------------------------------------------
+
+    def link_event(self, link: PeerLink, event: Event, body: memoryview | None) -> None:
+        if isinstance(event, HelloReceived):
+            if link.role is Role.UPSTREAM:
+                self.in_links.add(link)
+            return
+        if link.role is Role.UPSTREAM:
+            self._serve(link, event)
+            return
+        image_id = getattr(event, "image_id", None)
+        broadcast = self.broadcasts.get(image_id) if image_id else None
+        if broadcast is not None:
+            broadcast.link_event(link, event, body)
+
+    def _serve(self, link: PeerLink, event: Event) -> None:
+        if isinstance(event, Subscribed):
+            self.subscribers.setdefault(event.image_id, set()).add(link)
+            broadcast = self.broadcasts.get(event.image_id)
+            if broadcast is not None:
+                self._send_bitfield(link, broadcast)
+        elif isinstance(event, ChunkRequested):
+            broadcast = self.broadcasts.get(event.image_id)
+            if broadcast is None or not broadcast.swarm.have[event.index]:
+                link.send(link.conn.reject(event.image_id, event.index, "not here"))
+                return
+            image = broadcast.image
+            link.send_chunk(event.image_id, event.index, lambda: image.chunk_slice(event.index))
+        elif isinstance(event, RequestCancelled):
+            link.unqueue_chunk(event.image_id, event.index)
+        elif isinstance(event, PeerDone):
+            broadcast = self.broadcasts.get(event.image_id)
+            if broadcast is not None:
+                broadcast.peer_done(link.peer_node)
+
+    def link_closed(self, link: PeerLink, error: P2PCastError | None) -> None:
+        if error is not None and link.hello.done() is False:
+            self.bad_links += 1
+        if link.role is Role.UPSTREAM:
+            self.in_links.discard(link)
+            for links in self.subscribers.values():
+                links.discard(link)
+            return
+        for key, known in list(self.out_links.items()):
+            if known is link:
+                del self.out_links[key]
+        for broadcast in list(self.broadcasts.values()):
+            broadcast.link_lost(link, error)
+
+
+class Broadcast:
+    """One image arriving at (or seeded from) this node."""
+
+    def __init__(
+        self,
+        service: PeerService,
+        manifest_bytes: bytes,
+        peers: list[Peer],
+        rank: int,
+        origin: Origin | None,
+        *,
+        job: str = "",
+        options: BroadcastOptions = BroadcastOptions(),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.service = service
+        self.manifest = manifest_mod.decode(manifest_bytes)
+        self.image_id = manifest_mod.image_id_of(manifest_bytes)
+        self.peers = peers
+        self.rank = rank
+        self.origin = origin
+        self.job = job
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.image: ImageFile = service.cache.open(manifest_bytes)
+        have = range(self.manifest.chunk_count) if self.image.complete else ()
+        self.swarm = Swarm(
+            chunk_sizes=[c.stored_size for c in self.manifest.chunks()],
+            rank=rank,
+            size=len(peers),
+            now=self.loop.time(),
+            rng=rng or random.Random(),
+            config=options.swarm,
+            have=have,
+        )
+        self.state = "complete" if self.image.complete else "fetching"
+        self.error: P2PCastError | None = None
+        self.started = time.time()
+        self.finished_at: float | None = self.started if self.image.complete else None
+        self.cached = self.image.complete
+        self.wakeup = asyncio.Event()
+        self.done = asyncio.Event()
+        self.links: dict[PeerLink, int] = {}
+        self.rank_links: dict[int, PeerLink] = {}
+        self.ever_connected: set[int] = set()
+        self.connect_errors: dict[int, str] = {}
+        self.peers_done: set[str] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.listeners: list[Callable[[], None]] = []
+        if self.cached:
+            self.done.set()
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self) -> None:
+        """Fetch until complete (or fail); peers keep being served afterwards."""
+        self.service.register(self)
+        for rank, peer in enumerate(self.peers):
+            if rank != self.rank:
+                self.spawn(self._keep_link(rank, peer), f"link {peer.name}")
+        if self.cached:
+            return
+        try:
+            await self._schedule_loop()
+            self.state = "verifying"
+            self._notify()
+            await asyncio.to_thread(self.image.verify_image)
+            self.image.mark_complete()
+            self.state = "complete"
+            self.finished_at = time.time()
+            for link in self.rank_links.values():
+                if not link.closed:
+                    link.send(link.conn.done(self.image_id))
+        except P2PCastError as exc:
+            self.fail(exc)
+        finally:
+            self.done.set()
+            self._notify()
+        if self.error is not None:
+            raise self.error
+
+    def fail(self, exc: P2PCastError) -> None:
+        if self.error is None:
+            self.error = exc
+            self.state = "failed"
+            log.error("broadcast of %s failed: %s", self.manifest.name, exc)
+        self.wakeup.set()
+
+    async def stop(self) -> None:
+        self.service.unregister(self)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.state != "complete":
+            self.image.close()
+            self.service.cache.discard(self.image_id)
+        else:
+            self.image.close()
+
+    async def linger(self) -> None:
+        """Serve peers until all have the image, or the linger time ends."""
+        deadline = self.loop.time() + self.options.linger
+        while self.loop.time() < deadline:
+            alive = {
+                r for r in range(len(self.peers)) if r != self.rank and not self.swarm.peers[r].dead
+            }
+            if all(self.peers[r].name in self.peers_done for r in alive):
+                return
+            if not alive:
+                return
+            await asyncio.sleep(0.1)
+
+    # ---- the scheduler loop ---------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        deadline_unreachable = self.loop.time() + self.options.peer_timeout
+        while True:
+            if self.error is not None:
+                raise self.error
+            now = self.loop.time()
+            for action in self.swarm.poll(now):
+                if isinstance(action, Finished):
+                    return
+                if isinstance(action, Abort):
+                    raise OriginError(action.reason)
+                self._act(action)
+            if len(self.peers) > 1 and not self.ever_connected and now > deadline_unreachable:
+                detail = ", ".join(
+                    f"{self.peers[r].name} ({why})"
+                    for r, why in sorted(self.connect_errors.items())
+                )
+                raise PeersUnreachable(
+                    f"no peer answered within {self.options.peer_timeout:g} s: {detail}"
+                )
+            deadline = self.swarm.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - now)
+            if not self.ever_connected and len(self.peers) > 1:
+                timeout = min(timeout or 1.0, 1.0)
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _act(self, action: RequestChunk | ReadOrigin | CancelRequest) -> None:
+        if isinstance(action, RequestChunk):
+            link = self.rank_links.get(action.peer)
+            if link is None or link.closed:
+                self.swarm.chunk_failed(action.index, action.peer, self.loop.time(), corrupt=False)
+                self.wakeup.set()
+                return
+            link.send(link.conn.request(self.image_id, action.index))
+        elif isinstance(action, CancelRequest):
+            link = self.rank_links.get(action.peer)
+            if (
+                link is not None
+                and not link.closed
+                and link.conn.is_pending(self.image_id, action.index)
+            ):
+                link.send(link.conn.cancel(self.image_id, action.index))
+        else:
+            self.spawn(self._read_origin(action.index), f"origin {action.index}")
+
+    async def _read_origin(self, index: int) -> None:
+        chunk = self.manifest.chunk(index)
+        failures = self.swarm.origin_failures.get(index, 0)
+        if failures:
+            await asyncio.sleep(ORIGIN_RETRY_DELAY * failures)
+        if self.origin is None:
+            self.fail(OriginError("the image is not cached and no origin is configured"))
+            return
+        try:
+            data = await self.origin.get_chunk(chunk)
+            self.image.write_chunk(index, data)
+        except ChunkCorrupt as exc:
+            log.warning("origin chunk %d of %s: %s", index, self.manifest.name, exc)
+            self.swarm.chunk_failed(index, ORIGIN, self.loop.time(), corrupt=True)
+        except OriginError as exc:
+            log.warning("origin read of chunk %d failed: %s", index, exc)
+            self.swarm.chunk_failed(index, ORIGIN, self.loop.time(), corrupt=False)
+        except P2PCastError as exc:  # the store: a full disk is fatal
+            self.fail(exc)
+        else:
+            self._arrived(index, ORIGIN)
+        self.wakeup.set()
+
+    def _arrived(self, index: int, source: int) -> None:
+        fresh = not self.swarm.have[index]
+        self.swarm.chunk_received(index, source, self.loop.time())
+        if fresh:
+            self.service.announce(self.image_id, index)
+            self._notify()
+
+    # ---- peer links -----------------------------------------------------------
+
+    async def _keep_link(self, rank: int, peer: Peer) -> None:
+        """Keep a downstream link to one peer; declare it dead if it stays away."""
+        attempt = 0
+        give_up = self.loop.time() + self.options.peer_timeout
+        while True:
+            try:
+                link = await self.service.link_to(peer, self.options.connect_timeout)
+            except PeerError as exc:
+                self.connect_errors[rank] = str(exc).rsplit(": ", 1)[-1]
+                if self.loop.time() > give_up:
+                    log.warning("peer %s unreachable: %s", peer.name, exc)
+                    self.swarm.peer_dead(rank, self.loop.time())
+                    self.wakeup.set()
+                    return
+                await asyncio.sleep(CONNECT_BACKOFF[min(attempt, len(CONNECT_BACKOFF) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            self.ever_connected.add(rank)
+            self.links[link] = rank
+            self.rank_links[rank] = link
+            link.send(link.conn.subscribe(self.image_id))
+            self.swarm.peer_up(rank, self.loop.time())
+            self.wakeup.set()
+            if self.state == "complete":
+                link.send(link.conn.done(self.image_id))
+            while not link.closed:
+                await link.lost.wait()
+            give_up = self.loop.time() + RECONNECT_WINDOW
+
+    def link_lost(self, link: PeerLink, error: P2PCastError | None) -> None:
+        rank = self.links.pop(link, None)
+        if rank is None:
+            return
+        if self.rank_links.get(rank) is link:
+            del self.rank_links[rank]
+        log.info("link to %s lost: %s", self.peers[rank].name, error or "closed")
+        self.swarm.peer_down(rank, self.loop.time())
+        self.wakeup.set()
+
+    def peer_done(self, node: str | None) -> None:
+        if node:
+            self.peers_done.add(node)
+
+    def link_event(self, link: PeerLink, event: Event, body: memoryview | None) -> None:
+        rank = self.links.get(link)
+        if rank is None:
+            return
+        now = self.loop.time()
+        if isinstance(event, BitfieldReceived):
+            if event.chunk_count != self.manifest.chunk_count:
+                link.abort(PeerError(f"{link.peer_node} has another chunk count for the image"))
+                return
+            present = [i for i in range(event.chunk_count) if bit_is_set(event.bits, i)]
+            self.swarm.bitfield(rank, present, now)
+            if len(present) == event.chunk_count:
+                self.peers_done.add(self.peers[rank].name)
+        elif isinstance(event, HaveReceived):
+            if event.index < self.manifest.chunk_count:
+                self.swarm.have_announced(rank, event.index, now)
+        elif isinstance(event, ChunkBodyEnded):
+            assert body is not None
+            if self.swarm.have[event.index]:
+                self.swarm.chunk_received(event.index, rank, now)  # a crossed duplicate
+            else:
+                try:
+                    self.image.write_chunk(event.index, body)
+                except IntegrityError as exc:
+                    log.warning("banning %s: %s", link.peer_node, exc)
+                    self.swarm.chunk_failed(event.index, rank, now, corrupt=True)
+                except P2PCastError as exc:
+                    self.fail(exc)
+                else:
+                    self._arrived(event.index, rank)
+        elif isinstance(event, RequestRejected):
+            self.swarm.chunk_failed(event.index, rank, now, corrupt=False)
+        self.wakeup.set()
+
+    # ---- progress -------------------------------------------------------------
+
+    def _notify(self) -> None:
+        for listener in list(self.listeners):
+            listener()
+
+    def progress(self) -> dict[str, Any]:
+        now = time.time()
+        end = self.finished_at or now
+        elapsed = max(end - self.started, 1e-9)
+        done_bytes = (
+            sum(c.stored_size for c in self.manifest.chunks() if self.swarm.have[c.index])
+            if self.state == "fetching"
+            else self.manifest.stored_total
+        )
+        return {
+            "image_id": self.image_id.hex(),
+            "name": self.manifest.name,
+            "job": self.job,
+            "state": self.state,
+            "error": str(self.error) if self.error else None,
+            "chunks_done": self.swarm.have_count,
+            "chunks_total": self.manifest.chunk_count,
+            "bytes_done": done_bytes,
+            "bytes_total": self.manifest.stored_total,
+            "size": self.manifest.size,
+            "seconds": round(elapsed, 4),
+            "rate": done_bytes / elapsed if not self.cached else 0.0,
+            "from_origin": self.swarm.bytes_from_origin,
+            "from_peers": self.swarm.bytes_from_peers,
+            "cached": self.cached,
+            "dead_peers": sorted(
+                self.peers[r].name for r, p in self.swarm.peers.items() if p.dead or p.banned
+            ),
+            "path": str(self.image.image_path),
+            "image_type": self.manifest.image_type,
+        }
