@@ -193,6 +193,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     async def in_process() -> dict[str, Any]:
         from p2pcast.daemon import Daemon, DaemonConfig
+        from p2pcast.node import BroadcastOptions
 
         node = args.node or DaemonConfig().node
         state = Path(args.state_dir)
@@ -203,6 +204,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             state_dir=state,
             control_socket=str(state / "fetch.sock"),
             origin=args.origin,
+            options=BroadcastOptions(peer_timeout=args.peer_timeout),
         )
         daemon = Daemon(config)
         await daemon.start()
@@ -359,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also place the image here")
     p.add_argument("--control", default=control_default)
     p.add_argument("--in-process", action="store_true", help="do not use the local daemon")
+    p.add_argument(
+        "--peer-timeout", type=float, default=30.0, help="in-process: give up on silent peers (s)"
+    )
     p.add_argument("--listen", default="0.0.0.0", help="in-process: address to serve peers on")
     p.add_argument("--state-dir", default=env("P2PCAST_STATE_DIR", "/var/tmp/p2pcast-fetch"))
     p.add_argument("--loop", choices=LOOPS, default="uvloop")

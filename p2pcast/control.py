@@ -33,7 +33,7 @@ _DECODER_BOUNDS = {
     "max_bin": 1024,
     "max_array": 4096,
     "max_map": 64,
-    "max_depth": 4,
+    "max_depth": 6,
 }
 
 

@@ -213,8 +213,11 @@ class Daemon:
         if addresses is not None and not isinstance(addresses, dict):
             raise UserError("addresses must map node names to addresses")
         port = int(body.get("port") or self.service.port)
-        peers = await asyncio.to_thread(resolve_peers, names, port, addresses)
+        # The image first: a wrong name is the commonest mistake, and says so.
         manifest_bytes = await origin.get_manifest(ref)
+        # This node needs no address of its own.
+        addresses = {node: f"{self.config.listen}:{self.service.port}", **(addresses or {})}
+        peers = await asyncio.to_thread(resolve_peers, names, port, addresses)
         image_id = manifest_mod.image_id_of(manifest_bytes)
         existing = self.service.broadcasts.get(image_id)
         if existing is not None and existing.error is None:

@@ -522,6 +522,8 @@ class Broadcast:
             "rate": done_bytes / elapsed if not self.cached else 0.0,
             "from_origin": self.swarm.bytes_from_origin,
             "from_peers": self.swarm.bytes_from_peers,
+            # what this node's origin client actually read (all its broadcasts)
+            "origin_bytes_read": self.origin.bytes_read if self.origin else 0,
             "cached": self.cached,
             "dead_peers": sorted(
                 self.peers[r].name for r, p in self.swarm.peers.items() if p.dead or p.banned
