@@ -19,6 +19,7 @@ MiB = 1 << 20
 def p2pcast(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "p2pcast", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=240,
