@@ -19,7 +19,7 @@ from typing import Any
 
 from p2pcast import __version__, control, hostlists, limits
 from p2pcast import manifest as manifest_mod
-from p2pcast.errors import ConfigError, DaemonUnavailable, P2PCastError
+from p2pcast.errors import BadHostlist, ConfigError, DaemonUnavailable, P2PCastError
 from p2pcast.names import default_name_for, parse_image_ref
 
 LOOPS = ("uvloop", "asyncio")
@@ -54,11 +54,11 @@ def human(n: float) -> str:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
+    """A one-line progress bar (on stderr) when stdout is a terminal; silent otherwise."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label = label
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled and sys.stdout.isatty() and sys.stderr.isatty()
         self.started = time.monotonic()
 
     def update(self, done: int, total: int) -> None:
@@ -166,6 +166,10 @@ def _fetch_request(args: argparse.Namespace) -> dict[str, Any]:
     parse_image_ref(args.image)  # bad names fail here, before any network
     peers = args.peers or args.node
     names = hostlists.expand(peers) if peers else None
+    if args.rank is not None:
+        if names is None or not 0 <= args.rank < len(names):
+            raise BadHostlist(f"rank {args.rank} is outside the hostlist {peers!r}")
+        args.node = names[args.rank]
     if names is not None and args.node:
         hostlists.rank_of(names, args.node)
     return {
@@ -356,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", default=env("P2PCAST_ORIGIN"))
     p.add_argument("--peers", help="hostlist of all nodes, e.g. n[1-16] (default: this node)")
     p.add_argument("--node", help="this node's name in the hostlist")
+    p.add_argument("--rank", type=int, help="this node's position in the hostlist (from 0)")
     p.add_argument("--port", type=int, default=None, help="peers' port")
     p.add_argument("--job", help="job id, for status")
     p.add_argument("--output", help="also place the image here")

@@ -82,6 +82,7 @@ class Daemon:
         )
         self.origins: dict[str, Origin] = {}
         self.runs: dict[bytes, asyncio.Task[None]] = {}
+        self.failed: dict[bytes, dict[str, Any]] = {}
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
 
@@ -171,7 +172,8 @@ class Daemon:
             if broadcast.error is not None:
                 raise broadcast.error
         elif op == "status":
-            result = {"broadcasts": [b.progress() for b in self.service.broadcasts.values()]}
+            active = [b.progress() for b in self.service.broadcasts.values()]
+            result = {"broadcasts": active + list(self.failed.values())}
         elif op == "cache-list":
             result = {"images": [e.to_dict() for e in self.cache.entries()]}
         elif op == "cache-gc":
@@ -219,6 +221,7 @@ class Daemon:
         addresses = {node: f"{self.config.listen}:{self.service.port}", **(addresses or {})}
         peers = await asyncio.to_thread(resolve_peers, names, port, addresses)
         image_id = manifest_mod.image_id_of(manifest_bytes)
+        self.failed.pop(image_id, None)
         existing = self.service.broadcasts.get(image_id)
         if existing is not None and existing.error is None:
             return existing  # running or seeding: join it
@@ -243,7 +246,11 @@ class Daemon:
         try:
             await broadcast.run()
         except P2PCastError:
-            pass  # recorded in the broadcast and reported to its watchers
+            # Recorded in the broadcast for its watchers; the partial image
+            # goes at once (nothing half-received stays in the cache), and the
+            # failure stays visible in status until the image is asked again.
+            await broadcast.stop()
+            self.failed[broadcast.image_id] = broadcast.progress()
 
     async def gc(self) -> list[dict[str, Any]]:
         """Drop complete images that no broadcast is fetching."""

@@ -190,8 +190,12 @@ class PeerService:
             if broadcast is None or not broadcast.swarm.have[event.index]:
                 link.send(link.conn.reject(event.image_id, event.index, "not here"))
                 return
-            image = broadcast.image
-            link.send_chunk(event.image_id, event.index, lambda: image.chunk_slice(event.index))
+            image, index = broadcast.image, event.index
+            link.send_chunk(
+                event.image_id,
+                index,
+                lambda: None if image.closed else image.chunk_slice(index),
+            )
         elif isinstance(event, RequestCancelled):
             link.unqueue_chunk(event.image_id, event.index)
         elif isinstance(event, PeerDone):
@@ -304,6 +308,7 @@ class Broadcast:
         if self.error is None:
             self.error = exc
             self.state = "failed"
+            self.finished_at = time.time()
             log.error("broadcast of %s failed: %s", self.manifest.name, exc)
         self.wakeup.set()
 
@@ -343,7 +348,7 @@ class Broadcast:
                 if isinstance(action, Finished):
                     return
                 if isinstance(action, Abort):
-                    raise OriginError(action.reason)
+                    raise (ChunkCorrupt if action.corrupt else OriginError)(action.reason)
                 self._act(action)
             if len(self.peers) > 1 and not self.ever_connected and now > deadline_unreachable:
                 detail = ", ".join(

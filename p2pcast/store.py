@@ -93,6 +93,10 @@ class ImageFile:
             self.close()
             raise _store_error("preparing", directory, exc) from exc
 
+    @property
+    def closed(self) -> bool:
+        return self.image_fd < 0
+
     def close(self) -> None:
         for name in ("image_fd", "stored_fd"):
             fd = getattr(self, name, -1)

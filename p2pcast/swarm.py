@@ -101,6 +101,7 @@ class Finished:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Abort:
     reason: str
+    corrupt: bool = False  # the origin kept serving bytes that fail their hash
 
 
 Action = RequestChunk | ReadOrigin | CancelRequest | Finished | Abort
@@ -175,6 +176,7 @@ class Swarm:
         self.next_judge = now + config.takeover_grace
         self.finished_sent = False
         self.aborted: str | None = None
+        self.aborted_corrupt = False
         self.bytes_from_origin = 0
         self.bytes_from_peers = 0
         for index in range(rank, self.chunk_count, size):
@@ -295,7 +297,9 @@ class Swarm:
             failures = self.origin_failures.get(index, 0) + 1
             self.origin_failures[index] = failures
             if failures >= self.config.max_origin_failures:
-                self.aborted = f"chunk {index} failed {failures} times from the origin"
+                what = "was corrupt" if corrupt else "failed"
+                self.aborted = f"chunk {index} {what} {failures} times from the origin"
+                self.aborted_corrupt = corrupt
             else:
                 heapq.heappush(self.origin_queue, index)
             return
@@ -312,7 +316,7 @@ class Swarm:
     def poll(self, now: float) -> list[Action]:
         """Everything to do now; call after every event and at next_deadline()."""
         if self.aborted:
-            return [Abort(self.aborted)]
+            return [Abort(self.aborted, self.aborted_corrupt)]
         if self.complete:
             if self.finished_sent:
                 return []

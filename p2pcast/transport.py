@@ -90,7 +90,7 @@ class PeerLink:
         self.peer_node: str | None = None
         self.hello = asyncio.get_running_loop().create_future()
         self.closed = False
-        self.queue: collections.deque[bytes | tuple[bytes, int, Callable[[], FileSlice]]] = (
+        self.queue: collections.deque[bytes | tuple[bytes, int, Callable[[], FileSlice | None]]] = (
             collections.deque()
         )
         self.wake = asyncio.Event()
@@ -164,8 +164,8 @@ class PeerLink:
             self.queue.append(data)
             self.wake.set()
 
-    def send_chunk(self, image_id: bytes, index: int, body: Callable[[], FileSlice]) -> None:
-        """Queue a chunk; ``body`` is called when its turn comes to send."""
+    def send_chunk(self, image_id: bytes, index: int, body: Callable[[], FileSlice | None]) -> None:
+        """Queue a chunk; ``body`` is called when its turn comes (None: send a Reject)."""
         if not self.closed:
             self.queue.append((image_id, index, body))
             self.wake.set()
@@ -197,6 +197,10 @@ class PeerLink:
                 assert isinstance(entry, tuple)
                 image_id, index, body = entry
                 piece = body()
+                if piece is None:  # the image left the cache since the request
+                    reply = self.conn.reject(image_id, index, "no longer here")
+                    await loop.sock_sendall(self.sock, reply)
+                    continue
                 header, _ = self.conn.send_chunk(image_id, index, piece)
                 assert isinstance(header, bytes)
                 await loop.sock_sendall(self.sock, header)

@@ -12,7 +12,7 @@ import pytest
 
 from p2pcast import control
 from p2pcast.demo import DemoCluster, broadcast, make_image
-from p2pcast.errors import BadHostlist, ImageNotFound
+from p2pcast.errors import BadHostlist, ChunkCorrupt, ImageNotFound, ManifestCorrupt
 from p2pcast.manifest import Manifest
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
@@ -125,3 +125,72 @@ def test_cache_reuse_status_and_bad_input(
     gc = asyncio.run(control.request(cluster.control("n1"), "cache-gc"))
     assert len(gc["removed"]) == 1
     assert manifest.chunk_count > 0
+
+
+def _publish(origin: Path, image: Path, name: str, size: int) -> Manifest:
+    make_image(image, size, seed=hash(name) % 1000)
+
+    async def go() -> Manifest:
+        async with DirectoryOrigin(str(origin)) as o:
+            return (await push(str(image), o, ImageRef(name), chunk_size=MiB)).manifest
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_two_broadcasts_at_once(tmp_path: Path, cluster_factory: Any) -> None:
+    origin = tmp_path / "origin2"
+    images = {name: tmp_path / f"{name}.tar" for name in ("alpha", "beta")}
+    for name, path in images.items():
+        _publish(origin, path, name, 16 * MiB)
+    cluster = cluster_factory(origin, "uvloop", True, nodes=3)
+
+    async def both() -> list[dict[str, dict[str, Any]]]:
+        return await asyncio.gather(
+            *(broadcast(cluster, ImageRef(n), cluster.names, _Bar()) for n in images)  # type: ignore[arg-type]
+        )
+
+    for name, results in zip(images, asyncio.run(both()), strict=True):
+        want = _sha256(images[name])
+        assert all(_sha256(r["path"]) == want for r in results.values()), name
+
+
+@pytest.mark.slow
+def test_corrupt_origin_fails_cleanly_and_daemon_keeps_serving(
+    tmp_path: Path, cluster_factory: Any
+) -> None:
+    origin = tmp_path / "origin3"
+    good = _publish(origin, tmp_path / "good.tar", "good", 8 * MiB)
+    bad = _publish(origin, tmp_path / "bad.tar", "bad", 8 * MiB)
+    # A manifest cut short at the origin.
+    mangled = _publish(origin, tmp_path / "cut.tar", "cut", 4 * MiB)
+    tag = origin / "tags" / "cut" / "latest"
+    tag.write_bytes(tag.read_bytes()[:-5])
+    assert mangled.chunk_count
+    # One chunk of "bad" rots inside the origin (and only in "bad").
+    victim = bad.chunk(bad.chunk_count // 2)
+    assert victim.digest not in {c.digest for c in good.chunks()}
+    path = origin / "chunks" / victim.key[:2] / victim.key
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    cluster = cluster_factory(origin, "uvloop", True, nodes=2)
+    sock = cluster.control("n1")
+
+    def fetch(name: str) -> dict[str, Any]:
+        return asyncio.run(control.request(sock, "fetch", image=name, peers="n1", node="n1"))
+
+    with pytest.raises(ManifestCorrupt):
+        fetch("cut")
+    with pytest.raises(ChunkCorrupt, match=f"chunk {victim.index}"):
+        fetch("bad")
+    # Nothing of the failed image stays in the cache; the failure shows in status.
+    listed = asyncio.run(control.request(sock, "cache-list"))
+    assert [e["name"] for e in listed["images"]] == []
+    status = asyncio.run(control.request(sock, "status"))
+    assert [(b["name"], b["state"]) for b in status["broadcasts"]] == [("bad", "failed")]
+    # And the daemon still does its job.
+    result = fetch("good")
+    assert result["state"] == "complete"
+    assert _sha256(result["path"]) == _sha256(tmp_path / "good.tar")
