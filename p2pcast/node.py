@@ -26,6 +26,7 @@ from p2pcast.errors import (
     P2PCastError,
     PeerError,
     PeersUnreachable,
+    StoreError,
 )
 from p2pcast.origins.base import Origin
 from p2pcast.protocol import (
@@ -258,7 +259,11 @@ class Broadcast:
         self.started = time.time()
         self.finished_at: float | None = self.started if self.image.complete else None
         self.cached = self.image.complete
+        #: when the last chunk arrived (before the whole-image check)
+        self.transfer_done_at: float | None = self.finished_at
         self.wakeup = asyncio.Event()
+        self.hash_frontier = 0  # chunks before this index are fed to the sha256
+        self.hashing: asyncio.Future[None] | None = None
         self.done = asyncio.Event()
         self.links: dict[PeerLink, int] = {}
         self.rank_links: dict[int, PeerLink] = {}
@@ -287,8 +292,13 @@ class Broadcast:
             return
         try:
             await self._schedule_loop()
+            self.transfer_done_at = time.time()
             self.state = "verifying"
             self._notify()
+            while self.hashing is not None and not self.hashing.done():
+                await asyncio.wait([self.hashing])  # its errors arrive via _hashed
+            if self.error is not None:
+                raise self.error
             await asyncio.to_thread(self.image.verify_image)
             self.image.mark_complete()
             self.state = "complete"
@@ -317,6 +327,9 @@ class Broadcast:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.hashing is not None:
+            # The hashing thread reads the image's fd: never close it under it.
+            await asyncio.gather(self.hashing, return_exceptions=True)
         if self.state != "complete":
             self.image.close()
             self.service.cache.discard(self.image_id)
@@ -416,6 +429,32 @@ class Broadcast:
         if fresh:
             self.service.announce(self.image_id, index)
             self._notify()
+            self._hash_prefix()
+
+    def _hash_prefix(self) -> None:
+        """Hash the image's verified prefix in the background, one run at a time."""
+        if self.hashing is not None and not self.hashing.done():
+            return
+        have, index = self.swarm.have, self.hash_frontier
+        while index < len(have) and have[index]:
+            index += 1
+        if index == self.hash_frontier:
+            return
+        self.hash_frontier = index
+        end = min(index * self.manifest.chunk_size, self.manifest.size)
+        self.hashing = asyncio.ensure_future(asyncio.to_thread(self.image.hash_upto, end))
+        self.hashing.add_done_callback(self._hashed)
+
+    def _hashed(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, P2PCastError):
+            self.fail(exc)
+        elif isinstance(exc, OSError):
+            self.fail(StoreError(f"reading back {self.image.image_path}: {exc}"))
+        elif exc is None and self.state == "fetching":
+            self._hash_prefix()
 
     # ---- peer links -----------------------------------------------------------
 
@@ -524,6 +563,7 @@ class Broadcast:
             "bytes_total": self.manifest.stored_total,
             "size": self.manifest.size,
             "seconds": round(elapsed, 4),
+            "transfer_seconds": round((self.transfer_done_at or end) - self.started, 4),
             "rate": done_bytes / elapsed if not self.cached else 0.0,
             "from_origin": self.swarm.bytes_from_origin,
             "from_peers": self.swarm.bytes_from_peers,

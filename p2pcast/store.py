@@ -78,6 +78,8 @@ class ImageFile:
                 self.stored_offsets[chunk.index] = offset
                 offset += chunk.stored_size
         self.stored_total = offset
+        self.hasher = image_hasher()
+        self.hashed = 0  # bytes of the image already fed to the hasher
         flags = os.O_RDONLY if complete else os.O_RDWR | os.O_CREAT
         try:
             self.image_fd = os.open(self.image_path, flags | os.O_CLOEXEC, 0o644)
@@ -136,17 +138,25 @@ class ImageFile:
 
     # ---- completion -------------------------------------------------------
 
+    def hash_upto(self, end: int) -> None:
+        """Extend the running sha256 over the image's bytes up to ``end``.
+
+        Blocking (run it in a thread). The broadcast calls it as the verified
+        prefix of the image grows, so the whole-image check costs almost
+        nothing after the last chunk arrives, instead of a full re-read
+        (0.7 s per GB of one core).
+        """
+        while self.hashed < end:
+            block = os.pread(self.image_fd, min(HASH_READ_SIZE, end - self.hashed), self.hashed)
+            if not block:
+                raise ImageDigestMismatch(f"image {self.manifest.name} is shorter than its size")
+            self.hasher.update(block)
+            self.hashed += len(block)
+
     def verify_image(self) -> None:
         """Check the whole image's sha256 (blocking: run it in a thread)."""
-        hasher = image_hasher()
-        offset = 0
-        while offset < self.manifest.size:
-            block = os.pread(self.image_fd, HASH_READ_SIZE, offset)
-            if not block:
-                break
-            hasher.update(block)
-            offset += len(block)
-        if offset != self.manifest.size or hasher.digest() != self.manifest.sha256:
+        self.hash_upto(self.manifest.size)
+        if self.hasher.digest() != self.manifest.sha256:
             raise ImageDigestMismatch(
                 f"image {self.manifest.name} does not match its sha256 after assembly"
             )
