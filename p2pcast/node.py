@@ -68,6 +68,9 @@ CONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 #: declared dead and its share of the origin reads is taken over (s).
 RECONNECT_WINDOW = 3.0
 
+#: Reject reason meaning "I serve enough peers right now; ask someone else".
+BUSY = "busy"
+
 #: Origin read retries back off this long times the attempt number (s).
 ORIGIN_RETRY_DELAY = 0.2
 
@@ -191,6 +194,13 @@ class PeerService:
             if broadcast is None or not broadcast.swarm.have[event.index]:
                 link.send(link.conn.reject(event.image_id, event.index, "not here"))
                 return
+            if not broadcast.swarm.accept_request(
+                self._rank_key(broadcast, link),
+                [self._rank_key(broadcast, other) for other in self.in_links
+                 if other.chunks_pending and other is not link],
+            ):  # fmt: skip
+                link.send(link.conn.reject(event.image_id, event.index, BUSY))
+                return
             image, index = broadcast.image, event.index
             link.send_chunk(
                 event.image_id,
@@ -203,6 +213,13 @@ class PeerService:
             broadcast = self.broadcasts.get(event.image_id)
             if broadcast is not None:
                 broadcast.peer_done(link.peer_node)
+
+    @staticmethod
+    def _rank_key(broadcast: Broadcast, link: PeerLink) -> int:
+        """The downstream's rank in the broadcast; links from unknown nodes get
+        distinct negative keys (they still count against the serve slots)."""
+        rank = broadcast.rank_by_name.get(link.peer_node or "")
+        return rank if rank is not None else -2 - id(link)
 
     def link_closed(self, link: PeerLink, error: P2PCastError | None) -> None:
         if error is not None and link.hello.done() is False:
@@ -266,6 +283,7 @@ class Broadcast:
         self.hashing: asyncio.Future[None] | None = None
         self.done = asyncio.Event()
         self.links: dict[PeerLink, int] = {}
+        self.rank_by_name = {peer.name: rank for rank, peer in enumerate(peers)}
         self.rank_links: dict[int, PeerLink] = {}
         self.ever_connected: set[int] = set()
         self.connect_errors: dict[int, str] = {}
@@ -533,7 +551,8 @@ class Broadcast:
                 else:
                     self._arrived(event.index, rank)
         elif isinstance(event, RequestRejected):
-            self.swarm.chunk_failed(event.index, rank, now, corrupt=False)
+            busy = event.reason == BUSY
+            self.swarm.chunk_failed(event.index, rank, now, corrupt=False, busy=busy)
         self.wakeup.set()
 
     # ---- progress -------------------------------------------------------------

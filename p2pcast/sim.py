@@ -205,14 +205,19 @@ class SimCluster:
         if not self.alive[src]:
             return
         if not self.swarms[src].have[index]:
-            self._at(self.now + self.spec.latency, lambda: self._rejected(dst, src, index))
+            self._later(self.spec.latency, self._rejected, dst, src, index, 0)
+            return
+        serving = [d for (s, d), q in self.queues.items() if s == src and q]
+        serving += [d for (s, d) in self.sending if s == src]
+        if not self.swarms[src].accept_request(dst, serving):
+            self._later(self.spec.latency, self._rejected, dst, src, index, 1)
             return
         self.queues.setdefault((src, dst), deque()).append(index)
         self._pump(src, dst)
 
-    def _rejected(self, dst: int, src: int, index: int) -> None:
+    def _rejected(self, dst: int, src: int, index: int, busy: int) -> None:
         if self.alive[dst]:
-            self.swarms[dst].chunk_failed(index, src, self.now, corrupt=False)
+            self.swarms[dst].chunk_failed(index, src, self.now, corrupt=False, busy=bool(busy))
             self._step(dst)
 
     def _cancel_arrives(self, src: int, dst: int, index: int) -> None:

@@ -71,6 +71,12 @@ class SwarmConfig:
     judge_interval: float = 0.5
     #: Reads of one chunk from the origin that may fail before giving up.
     max_origin_failures: int = 5
+    #: Downstreams an upstream serves at once (besides its ring successor).
+    #: Beyond this it answers "busy": a request stuck behind many others on
+    #: one uplink is worse than the same request sent to an idle holder.
+    serve_slots: int = 2
+    #: After a "busy" answer, leave that peer alone this many chunk times.
+    busy_backoff_chunks: float = 2.0
 
 
 # ---- actions (what the driver must do) ------------------------------------
@@ -122,6 +128,7 @@ class _Peer:
     offers: set[int] = dataclasses.field(default_factory=set)
     owned_progress: int = 0
     rate: float = 0.0
+    busy_until: float = 0.0
 
     def __post_init__(self) -> None:
         self.bits = bytearray(self.chunk_count)
@@ -175,6 +182,7 @@ class Swarm:
         self.last_arrival = now
         self.next_judge = now + config.takeover_grace
         self.finished_sent = False
+        self.last_poll = now
         self.aborted: str | None = None
         self.aborted_corrupt = False
         self.bytes_from_origin = 0
@@ -224,6 +232,7 @@ class Swarm:
         deadlines = [self.next_judge, self.last_arrival + self.config.stall_timeout]
         timeout = self._request_timeout()
         deadlines.extend(t + timeout for src, t in self.inflight.values() if src != ORIGIN)
+        deadlines.extend(p.busy_until for p in self.peers.values() if p.busy_until > self.last_poll)
         return min(deadlines)
 
     # ---- events -----------------------------------------------------------
@@ -290,8 +299,11 @@ class Swarm:
         if self.owner(index) == self.rank:
             self.owned_progress += 1
 
-    def chunk_failed(self, index: int, source: int, now: float, *, corrupt: bool) -> None:
-        """A request failed: rejected, link error, or (corrupt) bad bytes."""
+    def chunk_failed(
+        self, index: int, source: int, now: float, *, corrupt: bool, busy: bool = False
+    ) -> None:
+        """A request failed: rejected (busy: the peer serves enough others now),
+        a link error, or (corrupt) bad bytes."""
         self._drop_inflight(index)
         if source == ORIGIN:
             failures = self.origin_failures.get(index, 0) + 1
@@ -307,6 +319,8 @@ class Swarm:
         peer.inflight.pop(index, None)
         if corrupt:
             self.peer_banned(source, now)
+        elif busy:
+            peer.busy_until = now + self.config.busy_backoff_chunks * self._expected_chunk_time()
         elif peer.bits[index]:
             peer.bits[index] = 0  # it does not have it after all
             self.holders[index] -= 1
@@ -323,6 +337,7 @@ class Swarm:
             self.finished_sent = True
             return [Finished()]
         actions: list[Action] = []
+        self.last_poll = now
         if now >= self.next_judge:
             self.next_judge = now + self.config.judge_interval
             self._judge(now)
@@ -481,22 +496,15 @@ class Swarm:
             ):
                 pass
         while self._peer_inflight() < cfg.total_window:
-            candidates = [
+            open_peers = [
                 p
                 for p in self.peers.values()
                 if p.usable
                 and len(p.inflight) < cfg.peer_window
-                and p.rank not in self.slow
+                and p.busy_until <= now
                 and self._next_offer(p) is not None
             ]
-            if not candidates:
-                candidates = [
-                    p
-                    for p in self.peers.values()
-                    if p.usable
-                    and len(p.inflight) < cfg.peer_window
-                    and self._next_offer(p) is not None
-                ]
+            candidates = [p for p in open_peers if p.rank not in self.slow] or open_peers
             if not candidates:
                 return
             # Prefer holders we have no request with (spreads load over
@@ -508,3 +516,19 @@ class Swarm:
             best = max(rates)
             fast = [p for p, r in zip(candidates, rates, strict=True) if r >= 0.5 * best]
             self._request(self.rng.choice(fast), now, actions)
+
+    def successor(self) -> int:
+        """The rank this node serves first (its ring successor)."""
+        return (self.rank + 1) % self.size
+
+    def accept_request(self, downstream: int, serving: Iterable[int]) -> bool:
+        """Upstream side: serve ``downstream`` now, or answer busy?
+
+        ``serving`` are the downstreams with chunks queued or being sent. The
+        ring successor is always served: it counts on us.
+        """
+        current = set(serving)
+        if downstream in current or downstream == self.successor():
+            return True
+        current.discard(self.successor())
+        return len(current) < self.config.serve_slots

@@ -98,6 +98,8 @@ class PeerLink:
         self.collected = bytearray()
         self.tasks: list[asyncio.Task[None]] = []
         self.chunks_sent = 0
+        #: chunks queued or being sent on this link (the upstream's load)
+        self.chunks_pending = 0
         #: set when the link closes, for whoever keeps it up
         self.lost = asyncio.Event()
         #: images whose Bitfield we sent on this link (Have may follow only then)
@@ -168,12 +170,14 @@ class PeerLink:
         """Queue a chunk; ``body`` is called when its turn comes (None: send a Reject)."""
         if not self.closed:
             self.queue.append((image_id, index, body))
+            self.chunks_pending += 1
             self.wake.set()
 
     def unqueue_chunk(self, image_id: bytes, index: int) -> bool:
         for item in self.queue:
             if isinstance(item, tuple) and item[0] == image_id and item[1] == index:
                 self.queue.remove(item)
+                self.chunks_pending -= 1
                 return True
         return False
 
@@ -200,6 +204,7 @@ class PeerLink:
                 if piece is None:  # the image left the cache since the request
                     reply = self.conn.reject(image_id, index, "no longer here")
                     await loop.sock_sendall(self.sock, reply)
+                    self.chunks_pending -= 1
                     continue
                 header, _ = self.conn.send_chunk(image_id, index, piece)
                 assert isinstance(header, bytes)
@@ -209,6 +214,7 @@ class PeerLink:
                 else:
                     await loop.sock_sendall(self.sock, _read_slice(piece))
                 self.chunks_sent += 1
+                self.chunks_pending -= 1
         except asyncio.CancelledError:
             raise
         except P2PCastError as exc:
