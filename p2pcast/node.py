@@ -26,6 +26,7 @@ from p2pcast.errors import (
     P2PCastError,
     PeerError,
     PeersUnreachable,
+    ProtocolError,
     StoreError,
 )
 from p2pcast.origins.base import Origin
@@ -139,10 +140,17 @@ class PeerService:
                 )
             )
             self.connecting[peer.key] = pending
-            pending.add_done_callback(lambda _: self.connecting.pop(peer.key, None))
-        link = await asyncio.shield(pending)
-        self.out_links[peer.key] = link
-        return link
+            # Record the link when it connects, even if the caller stopped
+            # waiting meanwhile: every open link must be ours to close.
+            pending.add_done_callback(lambda done: self._connected(peer.key, done))
+        return await asyncio.shield(pending)
+
+    def _connected(self, key: tuple[str, int], done: asyncio.Future[PeerLink]) -> None:
+        self.connecting.pop(key, None)
+        if not done.cancelled() and done.exception() is None:
+            link = done.result()
+            if not link.closed:
+                self.out_links[key] = link
 
     # ---- broadcasts ---------------------------------------------------------
 
@@ -222,8 +230,8 @@ class PeerService:
         return rank if rank is not None else -2 - id(link)
 
     def link_closed(self, link: PeerLink, error: P2PCastError | None) -> None:
-        if error is not None and link.hello.done() is False:
-            self.bad_links += 1
+        if isinstance(error, ProtocolError):
+            self.bad_links += 1  # closed for breaking the protocol (logged by the link)
         if link.role is Role.UPSTREAM:
             self.in_links.discard(link)
             for links in self.subscribers.values():
@@ -392,7 +400,7 @@ class Broadcast:
             deadline = self.swarm.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - now)
             if not self.ever_connected and len(self.peers) > 1:
-                timeout = min(timeout or 1.0, 1.0)
+                timeout = 1.0 if timeout is None else min(timeout, 1.0)
             self.wakeup.clear()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout)

@@ -129,6 +129,8 @@ class _Peer:
     owned_progress: int = 0
     rate: float = 0.0
     busy_until: float = 0.0
+    #: chunks whose request to this peer timed out
+    timed_out: set[int] = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.bits = bytearray(self.chunk_count)
@@ -180,6 +182,7 @@ class Swarm:
         self.slow: set[int] = set()
         self.owned_progress = 0
         self.last_arrival = now
+        self.stall_checked = now
         self.next_judge = now + config.takeover_grace
         self.finished_sent = False
         self.last_poll = now
@@ -229,7 +232,8 @@ class Swarm:
     def next_deadline(self) -> float | None:
         if self.complete or self.aborted:
             return None
-        deadlines = [self.next_judge, self.last_arrival + self.config.stall_timeout]
+        stall_base = max(self.last_arrival, self.stall_checked)
+        deadlines = [self.next_judge, stall_base + self.config.stall_timeout]
         timeout = self._request_timeout()
         deadlines.extend(t + timeout for src, t in self.inflight.values() if src != ORIGIN)
         deadlines.extend(p.busy_until for p in self.peers.values() if p.busy_until > self.last_poll)
@@ -304,7 +308,9 @@ class Swarm:
     ) -> None:
         """A request failed: rejected (busy: the peer serves enough others now),
         a link error, or (corrupt) bad bytes."""
-        self._drop_inflight(index)
+        # A late answer to a request we cancelled and re-sent elsewhere must
+        # not forget the new request.
+        self._drop_inflight(index, source)
         if source == ORIGIN:
             failures = self.origin_failures.get(index, 0) + 1
             self.origin_failures[index] = failures
@@ -352,10 +358,12 @@ class Swarm:
 
     # ---- internals --------------------------------------------------------
 
-    def _drop_inflight(self, index: int) -> float | None:
-        entry = self.inflight.pop(index, None)
-        if entry is None:
+    def _drop_inflight(self, index: int, source: int | None = None) -> float | None:
+        """Forget the request for ``index`` (only if it went to ``source``, if given)."""
+        entry = self.inflight.get(index)
+        if entry is None or (source is not None and entry[0] != source):
             return None
+        del self.inflight[index]
         source, started = entry
         if source == ORIGIN:
             self.origin_inflight -= 1
@@ -387,6 +395,8 @@ class Swarm:
             self._drop_inflight(index)
             peer = self.peers[source]
             peer.rate = peer.rate / 2 if peer.rate else 1.0
+            # Ask someone else if anyone else has it (see _next_offer).
+            peer.timed_out.add(index)
             actions.append(CancelRequest(source, index))
 
     def _judge(self, now: float) -> None:
@@ -410,12 +420,16 @@ class Swarm:
             self.origin_queue = [i for i in self.origin_queue if self.backup_owner(i) == self.rank]
             heapq.heapify(self.origin_queue)
         queued = set(self.origin_queue)
+        usable = [p for p in self.peers.values() if p.usable]
         for owner in gone - {self.rank}:
             peer = self.peers[owner]
             for index in range(owner, self.chunk_count, self.size):
+                # A banned owner's announcements are worthless: take over what
+                # no usable peer holds. Others' chunks may still come from them.
+                offered = any(p.bits[index] for p in usable) if peer.banned else peer.bits[index]
                 if (
                     not self.have[index]
-                    and not peer.bits[index]
+                    and not offered
                     and index not in self.inflight
                     and index not in queued
                     and self.backup_owner(index) == self.rank
@@ -425,8 +439,11 @@ class Swarm:
 
     def _stall_fallback(self, now: float) -> None:
         """Nothing arrived for a while: read one unobtainable chunk ourselves."""
-        if now - self.last_arrival < self.config.stall_timeout:
+        if now - max(self.last_arrival, self.stall_checked) < self.config.stall_timeout:
             return
+        # Whatever happens below, look again only a stall period from now:
+        # a slow transfer is not a stall, and must not make us spin.
+        self.stall_checked = now
         if self.origin_inflight or self.origin_queue:
             return
         usable = [p for p in self.peers.values() if p.usable]
@@ -435,7 +452,6 @@ class Swarm:
                 continue
             if not any(p.bits[index] for p in usable):
                 heapq.heappush(self.origin_queue, index)
-                self.last_arrival = now  # one at a time, once per stall period
                 return
 
     def _schedule_origin(self, now: float, actions: list[Action]) -> None:
@@ -464,6 +480,10 @@ class Swarm:
                 continue
             if index in self.inflight:
                 continue
+            if index in peer.timed_out and any(
+                p is not peer and p.usable and p.bits[index] for p in self.peers.values()
+            ):
+                continue  # it let us down on this one; another holder exists
             key = (self.holders[index], index)
             if best is None or key < best_key:
                 best, best_key = index, key

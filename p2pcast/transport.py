@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 #: frames at once, without holding a large buffer per idle link.
 READ_SIZE = 64 * 1024
 
+#: An accepted connection must complete the handshake within this time (s);
+#: a silent client would otherwise hold a link and two tasks for ever.
+HANDSHAKE_TIMEOUT = 10.0
+
 #: Socket buffer size asked for on each link: a few chunks' worth of headroom
 #: at 10-100 Gbit/s keeps the pipe full across scheduling hiccups.
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -397,6 +401,14 @@ class Listener:
                 address=f"{addr[0]}:{addr[1]}",
             )
             link.start()
+            link.tasks.append(asyncio.create_task(self._handshake_watch(link)))
+
+    @staticmethod
+    async def _handshake_watch(link: PeerLink) -> None:
+        try:
+            await link.ready(HANDSHAKE_TIMEOUT)
+        except PeerError:
+            pass  # ready() closed the link
 
     def close(self) -> None:
         if self.task:
