@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import ipaddress
 import logging
 import os
 import random
 import signal
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,28 @@ class DaemonConfig:
     options: BroadcastOptions = dataclasses.field(default_factory=BroadcastOptions)
 
 
+def listen_address(spec: str) -> str:
+    """An IP literal as is, or the IPv4 address of a network interface (``ib0``).
+
+    Sites name the high-speed network by interface more often than by
+    address; the address differs on every node while the name does not.
+    """
+    try:
+        ipaddress.ip_address(spec)
+        return spec
+    except ValueError:
+        pass
+    if spec not in {name for _, name in socket.if_nameindex()}:
+        raise ConfigError(f"--listen {spec!r} is neither an IP address nor a network interface")
+    siocgifaddr = 0x8915  # <linux/sockios.h>: get an interface's IPv4 address
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", spec.encode()[:15]))
+        except OSError as exc:
+            raise ConfigError(f"interface {spec} has no IPv4 address: {exc.strerror}") from exc
+    return socket.inet_ntoa(raw[20:24])
+
+
 def resolve_peers(
     names: list[str], port: int, addresses: dict[str, str] | None = None
 ) -> list[Peer]:
@@ -77,8 +101,9 @@ class Daemon:
         removed = self.cache.remove_partial()
         if removed:
             log.info("removed %d partial image(s) left by an earlier run", removed)
+        self.listen = listen_address(config.listen)
         self.service = PeerService(
-            config.node, config.listen, config.port, self.cache, zero_copy=config.zero_copy
+            config.node, self.listen, config.port, self.cache, zero_copy=config.zero_copy
         )
         self.origins: dict[str, Origin] = {}
         self.runs: dict[bytes, asyncio.Task[None]] = {}
@@ -218,7 +243,7 @@ class Daemon:
         # The image first: a wrong name is the commonest mistake, and says so.
         manifest_bytes = await origin.get_manifest(ref)
         # This node needs no address of its own.
-        addresses = {node: f"{self.config.listen}:{self.service.port}", **(addresses or {})}
+        addresses = {node: f"{self.listen}:{self.service.port}", **(addresses or {})}
         peers = await asyncio.to_thread(resolve_peers, names, port, addresses)
         image_id = manifest_mod.image_id_of(manifest_bytes)
         self.failed.pop(image_id, None)
