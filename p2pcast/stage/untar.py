@@ -3,8 +3,9 @@
 Policy and mechanism are separate. ``member_policy`` applies the rules of
 ``tarfile.tar_filter`` (strip a leading "/", stay inside the destination, no
 setuid/setgid/sticky or group/other write) plus ours (no device nodes or
-FIFOs, hard links only to earlier members). ``stage_filter`` wraps it as a
-real tarfile extraction filter that is also safe with ``TarFile.extractall``.
+FIFOs, hard links only to earlier members). It needs none of tarfile's
+extraction-filter API, which Debian 12's Python 3.11.2 lacks (it came in
+3.11.4), so staging runs on the Python that also has Debian's librados.
 
 The extractor does not use ``TarFile.extract``: it writes each admitted member
 through directory fds with O_NOFOLLOW (see ``tree``), refusing any member whose
@@ -21,6 +22,7 @@ and zstd is decoded with ``zstandard``'s stream reader.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import gzip
 import logging
@@ -128,23 +130,10 @@ def member_policy(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
         if not target:
             raise _refusal(member, "hard link to the destination directory itself")
         linkname = "/".join(target)
-    return member.replace(name=name, mode=sanitize_mode(member.mode), linkname=linkname, deep=False)
-
-
-def stage_filter(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo | None:
-    """``member_policy`` as a tarfile extraction filter (``filter=stage_filter``).
-
-    Adds tar_filter's realpath() containment check, so it is as safe as
-    tar_filter when used with ``TarFile.extractall``; ``safe_extract_tar`` does
-    not need it (see the module docstring).
-    """
-    new = member_policy(member)
-    if new is None:
-        return None
-    try:
-        return tarfile.tar_filter(new, dest_path)
-    except tarfile.FilterError as exc:
-        raise _refusal(member, str(exc)) from exc
+    # A shallow copy: TarInfo.replace() only exists from Python 3.11.4 on.
+    admitted = copy.copy(member)
+    admitted.name, admitted.mode, admitted.linkname = name, sanitize_mode(member.mode), linkname
+    return admitted
 
 
 def _open_source(

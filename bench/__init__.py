@@ -1,0 +1,1 @@
+"""Micro-benchmarks (pytest-benchmark); run them with bench/run.sh."""
