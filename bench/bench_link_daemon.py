@@ -1,27 +1,44 @@
 """One daemon-to-daemon link against the raw Python pair, in the same run.
 
-A seeding node (image complete in its cache) and a fetching node, both
-p2pcast ``PeerService`` + ``Broadcast`` on one uvloop loop in this process,
-like the raw pair's two tasks (bench/rawpair.py). The fetcher reads nothing
-from the origin (origin_window=0), so all 256 MiB cross the one link: the
-protocol, requests, xxh3 checks, pwrite into the cache and the scheduler are
-all in the figure. Rounds alternate raw pair / daemon link, so both see the
-same machine load; the ratio is the median daemon rate over the median raw
-rate. The target of issue #2 is a ratio of at least 0.70.
+Two processes per measurement, as on a cluster (one core each here):
+
+* **raw pair**: a sender process ``os.sendfile``s the whole file on a
+  non-blocking socket; this process receives with ``sock_recv_into`` a 4 MiB
+  buffer, xxh3-128 of each 4 MiB and ``pwrite`` (bench/rawpair.py's loops).
+* **daemon link**: a real ``p2pcast daemon`` process seeds the image from its
+  cache; this process runs a p2pcast node (``PeerService`` + ``Broadcast``)
+  that fetches every chunk over its one link to it (origin_window=0), with
+  requests, the protocol, xxh3 checks, pwrite into the cache and the scheduler
+  all in the figure.
+
+Rounds alternate raw / daemon so both see the same machine load; the ratio is
+the median daemon rate over the median raw rate (issue #2's target: >= 0.70),
+and the best-of ratio compares the best rounds (the raw pair across two
+processes varies from ~250 to ~1,500 MB/s on this 2-core VM; the daemon link
+much less).
+Both times run from the first byte requested to the last byte written; the
+daemon's whole-image sha256 check is reported separately.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
-from bench.rawpair import raw_pair, run_uvloop, scratch_dir
+from bench.rawpair import _receive, run_uvloop, scratch_dir
 from bench.support import MB, Benchmark
+from p2pcast import control
+from p2pcast.demo import DemoCluster
 from p2pcast.names import ImageRef
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.directory import DirectoryOrigin
@@ -29,24 +46,60 @@ from p2pcast.publish import push
 from p2pcast.store import NodeCache
 from p2pcast.swarm import SwarmConfig
 
-ROUNDS = 3
+ROUNDS = 7
+ROOT = Path(__file__).resolve().parent.parent
+
+_SENDER = """
+import asyncio, os, socket, sys, uvloop
+from bench.rawpair import _send
+async def main(path, size, port):
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    fd = os.open(path, os.O_RDONLY)
+    await _send(loop, sock, fd, size)
+    sock.close()
+uvloop.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
 
 
-async def _daemon_link(work: str, image: str, zero_copy: bool) -> tuple[float, float]:
+async def _raw_two_process(path: str, size: int) -> float:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    dest = os.path.join(scratch_dir(), f"p2pcast-bench-{os.getpid()}.recv")
+    out_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.posix_fallocate(out_fd, 0, size)
+    sender = subprocess.Popen(
+        [sys.executable, "-c", _SENDER, path, str(size), str(listener.getsockname()[1])],
+        cwd=ROOT,
+    )
+    try:
+        sock, _ = await loop.sock_accept(listener)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        await _receive(loop, sock, out_fd, size)
+        seconds = time.perf_counter() - start
+        sock.close()
+        return seconds
+    finally:
+        sender.wait(timeout=60)
+        listener.close()
+        os.close(out_fd)
+        os.unlink(dest)
+
+
+async def _daemon_link(work: Path, seeder: DemoCluster, zero_copy: bool) -> tuple[float, float]:
     """(seconds to the last chunk, seconds to the verified image) over one link."""
-    origin = DirectoryOrigin(os.path.join(work, "origin"))
-    ref = ImageRef("link")
-    await push(image, origin, ref)
-    manifest = await origin.get_manifest(ref)
-    nodes = os.path.join(work, "nodes")
-    shutil.rmtree(nodes, ignore_errors=True)
-    seeder = PeerService("a", "127.0.0.1", 0, NodeCache(f"{nodes}/a"), zero_copy=zero_copy)
-    fetcher = PeerService("b", "127.0.0.1", 0, NodeCache(f"{nodes}/b"), zero_copy=zero_copy)
-    seeder.start()
+    origin = DirectoryOrigin(str(work / "origin"))
+    manifest = await origin.get_manifest(ImageRef("link"))
+    cache = work / "fetcher"
+    shutil.rmtree(cache, ignore_errors=True)
+    fetcher = PeerService("b", "127.0.0.1", 0, NodeCache(cache), zero_copy=zero_copy)
     fetcher.start()
-    seed = Broadcast(seeder, manifest, [Peer("a", "127.0.0.1", seeder.port)], 0, origin)
-    await seed.run()
-    peers = [Peer("a", "127.0.0.1", seeder.port), Peer("b", "127.0.0.1", fetcher.port)]
+    peers = [Peer("n1", seeder.hosts["n1"], seeder.port), Peer("b", "127.0.0.1", fetcher.port)]
     options = BroadcastOptions(swarm=SwarmConfig(origin_window=0))
     fetch = Broadcast(fetcher, manifest, peers, 1, None, options=options)
     started = time.time()
@@ -55,10 +108,8 @@ async def _daemon_link(work: str, image: str, zero_copy: bool) -> tuple[float, f
     assert fetch.swarm.bytes_from_peers == fetch.manifest.stored_total
     assert fetch.transfer_done_at is not None
     transfer = fetch.transfer_done_at - started
-    for broadcast in (fetch, seed):
-        await broadcast.stop()
+    await fetch.stop()
     await fetcher.close()
-    await seeder.close()
     await origin.close()
     return transfer, done - started
 
@@ -68,19 +119,32 @@ def test_daemon_link_vs_raw_pair(
     benchmark: Benchmark, link_source: tuple[str, int], zero_copy: bool
 ) -> None:
     path, size = link_source
-    work = tempfile.mkdtemp(prefix="p2pcast-bench-link-", dir=scratch_dir())
-    image = os.path.join(work, "image.sqfs")
+    work = Path(tempfile.mkdtemp(prefix="p2pcast-bench-link-", dir=scratch_dir()))
+    seeder: DemoCluster | None = None
     try:
         # The same bytes as the raw pair's, made a SquashFS by its magic.
+        image = work / "image.sqfs"
         with open(path, "rb") as src, open(image, "wb") as out:
             out.write(b"hsqs" + src.read(size)[4:])
+
+        async def publish() -> None:
+            async with DirectoryOrigin(str(work / "origin")) as origin:
+                await push(str(image), origin, ImageRef("link"))
+
+        run_uvloop(publish())
+        # The seeding daemon: a real process, its cache filled from the origin.
+        seeder = DemoCluster(work, 1, work / "origin", "uvloop", zero_copy)
+        seeder.start()
+        run_uvloop(seeder.wait_ready())
+        run_uvloop(control.request(seeder.control("n1"), "fetch", image="link", node="n1"))
+
         raw: list[float] = []
         link: list[float] = []
         whole: list[float] = []
 
         def one_round() -> None:
-            raw.append(run_uvloop(raw_pair(path, size)))
-            transfer, total = run_uvloop(_daemon_link(work, image, zero_copy))
+            raw.append(run_uvloop(_raw_two_process(path, size)))
+            transfer, total = run_uvloop(_daemon_link(work, seeder, zero_copy))
             link.append(transfer)
             whole.append(total)
 
@@ -88,15 +152,22 @@ def test_daemon_link_vs_raw_pair(
         raw_rate = statistics.median(size / MB / s for s in raw[-ROUNDS:])
         link_rate = statistics.median(size / MB / s for s in link[-ROUNDS:])
         whole_rate = statistics.median(size / MB / s for s in whole[-ROUNDS:])
+        best_raw = max(size / MB / s for s in raw[-ROUNDS:])
+        best_link = max(size / MB / s for s in link[-ROUNDS:])
         benchmark.extra_info.update(
             {
+                "best-of ratio": round(best_link / best_raw, 3),
                 "raw pair MB/s": round(raw_rate, 1),
                 "daemon link MB/s": round(link_rate, 1),
                 "daemon link incl. sha256 MB/s": round(whole_rate, 1),
                 "ratio": round(link_rate / raw_rate, 3),
+                "raw rounds MB/s": [round(size / MB / s) for s in raw[-ROUNDS:]],
+                "link rounds MB/s": [round(size / MB / s) for s in link[-ROUNDS:]],
                 "bytes": size,
             }
         )
         assert link_rate > 0 and raw_rate > 0
     finally:
+        if seeder is not None:
+            seeder.stop()
         shutil.rmtree(work, ignore_errors=True)
