@@ -71,7 +71,7 @@ async def _raw_two_process(path: str, size: int) -> float:
     dest = os.path.join(scratch_dir(), f"p2pcast-bench-{os.getpid()}.recv")
     out_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.posix_fallocate(out_fd, 0, size)
-    sender = subprocess.Popen(
+    sender = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
         [sys.executable, "-c", _SENDER, path, str(size), str(listener.getsockname()[1])],
         cwd=ROOT,
     )
