@@ -597,6 +597,8 @@ class Broadcast:
             # what this node's origin client actually read (all its broadcasts)
             "origin_bytes_read": self.origin.bytes_read if self.origin else 0,
             "cached": self.cached,
+            "requests_sent": self.swarm.requests_sent,
+            "busy_answers": self.swarm.busy_answers,
             "dead_peers": sorted(
                 self.peers[r].name for r, p in self.swarm.peers.items() if p.dead or p.banned
             ),

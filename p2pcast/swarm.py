@@ -189,6 +189,8 @@ class Swarm:
         self.aborted: str | None = None
         self.aborted_corrupt = False
         self.bytes_from_origin = 0
+        self.busy_answers = 0  # requests a peer declined as busy (load spreading)
+        self.requests_sent = 0
         self.bytes_from_peers = 0
         for index in range(rank, self.chunk_count, size):
             if not self.have[index]:
@@ -326,6 +328,7 @@ class Swarm:
         if corrupt:
             self.peer_banned(source, now)
         elif busy:
+            self.busy_answers += 1
             peer.busy_until = now + self.config.busy_backoff_chunks * self._expected_chunk_time()
         elif peer.bits[index]:
             peer.bits[index] = 0  # it does not have it after all
@@ -498,6 +501,7 @@ class Swarm:
         self.inflight[index] = (peer.rank, now)
         peer.inflight[index] = now
         actions.append(RequestChunk(peer.rank, index))
+        self.requests_sent += 1
         return True
 
     def _peer_inflight(self) -> int:
