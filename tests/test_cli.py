@@ -122,3 +122,51 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert report["naive"]["origin_reads_per_image"] == pytest.approx(3.0)
     assert report["staged"]["method"] == "untar" and report["staged"]["files"] > 2
     assert not list((tmp_path / "staged").glob("*")) if (tmp_path / "staged").exists() else True
+
+
+def test_fetch_status_and_cache_through_a_daemon(origin: tuple[Path, Path], tmp_path: Path) -> None:
+    from p2pcast.demo import DemoCluster
+
+    image, dest = origin
+    cluster = DemoCluster(tmp_path, 1, dest, "asyncio", True)
+    cluster.start()
+    try:
+        import asyncio
+
+        asyncio.run(cluster.wait_ready())
+        sock = cluster.control("n1")
+        out = tmp_path / "copy.tar"
+        fetched = p2pcast(
+            "fetch", "base:1", "--peers", "n1", "--node", "n1", "--job", "42",
+            "--control", sock, "--output", str(out), "--json",
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        assert out.read_bytes() == image.read_bytes()
+        assert json.loads(fetched.stdout)["job"] == "42"
+        status = p2pcast("status", "--control", sock)
+        assert status.returncode == 0 and "base" in status.stdout and "complete" in status.stdout
+        listed = json.loads(p2pcast("cache", "list", "--control", sock, "--json").stdout)
+        assert [(e["name"], e["complete"]) for e in listed["images"]] == [("base", True)]
+        gc = p2pcast("cache", "gc", "--control", sock)
+        assert gc.returncode == 0 and "base" in gc.stdout
+        listed = json.loads(p2pcast("cache", "list", "--control", sock, "--json").stdout)
+        assert listed["images"] == []
+    finally:
+        cluster.stop()
+
+
+def test_progress_bar_only_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pcast.cli import Progress
+
+    Progress("quiet", enabled=True).update(5, 10)  # not a terminal under pytest
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = Progress("fetch", enabled=True)
+    bar.update(5 * MiB, 10 * MiB)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "fetch [###############...............]  50.0%" in err
+    assert "5.0 MiB/10.0 MiB" in err
