@@ -304,6 +304,12 @@ class SimCluster:
         flow = self.flows.get(fid)
         if flow is None or flow.version != version:
             return
+        self._remove_flow(fid, flow)
+        if flow.src != ORIGIN:
+            self._pump(flow.src, flow.dst)
+        self._deliver(flow.dst, flow.src, flow.index)
+
+    def _remove_flow(self, fid: int, flow: _Flow) -> None:
         del self.flows[fid]
         self.down_flows[flow.dst].discard(fid)
         if flow.src == ORIGIN:
@@ -312,9 +318,6 @@ class SimCluster:
             self.up_flows[flow.src].discard(fid)
             self.sending.discard((flow.src, flow.dst))
         self._rerate(flow.src, flow.dst)
-        if flow.src != ORIGIN:
-            self._pump(flow.src, flow.dst)
-        self._deliver(flow.dst, flow.src, flow.index)
 
     def _deliver(self, rank: int, src: int, index: int) -> None:
         swarm = self.swarms[rank]
@@ -342,14 +345,7 @@ class SimCluster:
         self.alive[rank] = False
         for fid, flow in list(self.flows.items()):
             if rank in (flow.src, flow.dst):
-                del self.flows[fid]
-                self.down_flows[flow.dst].discard(fid)
-                if flow.src == ORIGIN:
-                    self.origin_flows.discard(fid)
-                else:
-                    self.up_flows[flow.src].discard(fid)
-                    self.sending.discard((flow.src, flow.dst))
-                self._rerate(flow.src, flow.dst)
+                self._remove_flow(fid, flow)
         for (src, dst), _queue in list(self.queues.items()):
             if rank in (src, dst):
                 del self.queues[(src, dst)]

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from p2pcast.errors import StageError
-from p2pcast.stage.tree import Parts, open_child_dir, open_dir_in
+from p2pcast.stage.tree import Parts, descend, open_child_dir, open_dir_in
 
 
 def _make_traversable(parent_fd: int, name: str) -> None:
@@ -101,13 +101,4 @@ def _empty_tree(top_fd: int, root_dev: int) -> None:
 
 
 def _walk_for_removal(top_fd: int, parts: Parts, root_dev: int) -> int:
-    fd = os.dup(top_fd)
-    try:
-        for depth, name in enumerate(parts):
-            child = _open_for_removal(fd, name, parts[: depth + 1], root_dev)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return descend(top_fd, parts, lambda fd, name, sub: _open_for_removal(fd, name, sub, root_dev))

@@ -15,6 +15,7 @@ import errno
 import os
 import posixpath
 import stat
+from collections.abc import Callable
 
 from p2pcast.errors import StageError
 
@@ -84,18 +85,24 @@ def open_child_dir(parent_fd: int, name: str, parts: Parts, what: str) -> int:
         raise
 
 
-def open_dir_in(root_fd: int, parts: Parts, what: str) -> int:
-    """Open the existing directory ``parts`` below ``root_fd``; the caller closes it."""
+def descend(root_fd: int, parts: Parts, open_step: Callable[[int, str, Parts], int]) -> int:
+    """Open ``parts`` below ``root_fd`` one directory at a time with
+    ``open_step(parent_fd, name, parts_so_far)``; the caller closes the result."""
     fd = os.dup(root_fd)
     try:
         for depth, name in enumerate(parts):
-            child = open_child_dir(fd, name, parts[: depth + 1], what)
+            child = open_step(fd, name, parts[: depth + 1])
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def open_dir_in(root_fd: int, parts: Parts, what: str) -> int:
+    """Open the existing directory ``parts`` below ``root_fd``; the caller closes it."""
+    return descend(root_fd, parts, lambda fd, name, sub: open_child_dir(fd, name, sub, what))
 
 
 class DirCache:
