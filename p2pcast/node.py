@@ -92,6 +92,10 @@ class BroadcastOptions:
     peer_timeout: float = 30.0  # s: fail if no peer at all answers within this
     linger: float = 30.0  # s: in-process fetches serve peers this long at most after finishing
     connect_timeout: float = 5.0  # s: one connection attempt
+    #: Hash the image's verified prefix while chunks still arrive (a spare
+    #: core turns the final sha256 check into almost nothing); False hashes
+    #: it all at the end, leaving every core to the transfer.
+    hash_while_receiving: bool = True
     swarm: SwarmConfig = dataclasses.field(default_factory=SwarmConfig)
 
 
@@ -459,6 +463,8 @@ class Broadcast:
 
     def _hash_prefix(self) -> None:
         """Hash the image's verified prefix in the background, one run at a time."""
+        if not self.options.hash_while_receiving:
+            return
         if self.hashing is not None and not self.hashing.done():
             return
         have, index = self.swarm.have, self.hash_frontier

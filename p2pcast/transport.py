@@ -47,11 +47,13 @@ READ_SIZE = 64 * 1024
 #: a silent client would otherwise hold a link and two tasks for ever.
 HANDSHAKE_TIMEOUT = 10.0
 
-#: Socket buffer size to ask for on each link, or None to leave the kernel's
-#: autotuning (tcp_rmem/tcp_wmem) in charge. Measured on loopback here: fixed
-#: 4 MiB buffers moved ~1.3 GB/s where autotuning moved ~1.9 GB/s
-#: (bench/bench_link_raw.py), so autotuning is the default.
-SOCKET_BUFFER: int | None = None
+#: Socket buffer size asked for on each link (None: the kernel's autotuning).
+#: Fixed 4 MiB buffers hold about one chunk in flight per direction. Measured
+#: here with 8 daemons on 2 cores (256 MiB, 7 links each): autotuning cost
+#: ~1.3 s of kernel time per daemon and 4.6 s to the last node; fixed 1-8 MiB
+#: buffers 0.4-0.75 s and 3.4-4.1 s. A single raw pair in one process is the
+#: one case where autotuning did better (bench/bench_link_raw.py).
+SOCKET_BUFFER: int | None = 4 * 1024 * 1024
 
 
 class LinkHandler(Protocol):

@@ -1,0 +1,1 @@
+"""Developer tools; `tools.cluster` is importable by tests and benchmarks."""
