@@ -358,6 +358,6 @@ def _print_report(r: dict[str, Any]) -> None:
             f"CPU {s['cpu_seconds']:.1f} s ({s['cpu_cores_busy']:.2f} cores busy of {r['cpus']})"
         )
     print(
-        "note: all nodes share this machine's CPUs and one local-disk origin; on a cluster the\n"
+        "note: all nodes share this machine's CPUs and one local origin; on a cluster the\n"
         "naive way's origin traffic grows with N while p2pcast's stays ~1x the image."
     )
