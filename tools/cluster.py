@@ -146,7 +146,9 @@ def _batch(tool: str, lines: Sequence[str], netns: str | None = None, force: boo
 
 def _qdisc_available(dev: str, kind: str) -> bool:
     tc = _tool("tc")
-    probe = subprocess.run([tc, "qdisc", "add", "dev", dev, "root", kind], capture_output=True)
+    probe = subprocess.run(
+        [tc, "qdisc", "add", "dev", dev, "root", kind], capture_output=True, check=False
+    )
     if probe.returncode != 0:
         return False
     subprocess.run([tc, "qdisc", "del", "dev", dev, "root"], capture_output=True, check=False)
@@ -341,11 +343,14 @@ def _release_netns_dir() -> None:
         mounts = Path("/proc/self/mountinfo").read_text().splitlines()
         if not any(line.split()[4] == str(NETNS_DIR) for line in mounts):
             return
-        if subprocess.run(["umount", str(NETNS_DIR)], capture_output=True).returncode != 0:
+        if (
+            subprocess.run(["umount", str(NETNS_DIR)], capture_output=True, check=False).returncode
+            != 0
+        ):
             return
 
 
-def _teardown(name: str) -> list[str]:
+def _teardown(name: str) -> list[int]:
     """Stop every process in cluster NAME's namespaces, delete its namespaces, veths,
     bridge and state file. Works without a state file (a crashed `up`). Returns the
     PIDs that would not die, if any. The caller holds the lock."""
@@ -604,7 +609,8 @@ def _cmd_up(args: argparse.Namespace, _cmd: list[str]) -> int:
         print(json.dumps(_read_state(cluster.name), indent=2))
         return 0
     print(
-        f"cluster {cluster.name} up in {time.monotonic() - began:.2f} s: {len(cluster.nodes)} nodes "
+        f"cluster {cluster.name} up in {time.monotonic() - began:.2f} s: "
+        f"{len(cluster.nodes)} nodes "
         f"{cluster.hosts['n1'].address}..{cluster.hosts[cluster.nodes[-1]].address}, "
         f"origin {cluster.origin_address}, host {cluster.bridge_address} on {cluster.bridge}; "
         f"leaf {cluster.leaf}, delay {cluster.delay_ms:g} ms"
@@ -662,7 +668,7 @@ def _cmd_exec(args: argparse.Namespace, cmd: list[str]) -> int:
     with contextlib.ExitStack() as stack:
         out: Any = subprocess.DEVNULL
         if args.log:
-            out = stack.enter_context(open(args.log, "ab"))  # noqa: SIM115
+            out = stack.enter_context(open(args.log, "ab"))
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -692,7 +698,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", parents=[common], help="build N nodes and an origin (replaces NAME)")
-    up.add_argument("n", type=int, help="number of nodes (1..%d)" % MAX_NODES)
+    up.add_argument("n", type=int, help=f"number of nodes (1..{MAX_NODES})")
     up.add_argument(
         "--rate", default=DEFAULT_RATE, help="every link, each way (default %(default)s)"
     )

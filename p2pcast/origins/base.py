@@ -25,6 +25,7 @@ from p2pcast.names import ImageRef
 #: implemented yet; adding one is a single line here.
 ORIGIN_CLASSES: dict[str, str | None] = {
     "file": "p2pcast.origins.directory:DirectoryOrigin",
+    "http": "p2pcast.origins.http:HttpOrigin",
     "s3": None,
     "rados": None,
 }
