@@ -499,7 +499,12 @@ class Broadcast:
                 link = await self.service.link_to(peer, self.options.connect_timeout)
             except PeerError as exc:
                 self.connect_errors[rank] = str(exc).rsplit(": ", 1)[-1]
-                if self.loop.time() > give_up:
+                # A peer we had, whose host now refuses connections, has lost
+                # its daemon: waiting out the window would only stall others.
+                gone = rank in self.ever_connected and isinstance(
+                    exc.__cause__, ConnectionRefusedError
+                )
+                if gone or self.loop.time() > give_up:
                     log.warning("peer %s unreachable: %s", peer.name, exc)
                     self.swarm.peer_dead(rank, self.loop.time())
                     self.wakeup.set()

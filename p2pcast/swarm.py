@@ -425,11 +425,10 @@ class Swarm:
         queued = set(self.origin_queue)
         usable = [p for p in self.peers.values() if p.usable]
         for owner in gone - {self.rank}:
-            peer = self.peers[owner]
             for index in range(owner, self.chunk_count, self.size):
-                # A banned owner's announcements are worthless: take over what
-                # no usable peer holds. Others' chunks may still come from them.
-                offered = any(p.bits[index] for p in usable) if peer.banned else peer.bits[index]
+                # Take over what no usable peer holds: what a dead or banned
+                # owner announced is out of reach; a slow owner still counts.
+                offered = any(p.bits[index] for p in usable)
                 if (
                     not self.have[index]
                     and not offered

@@ -194,3 +194,44 @@ def test_corrupt_origin_fails_cleanly_and_daemon_keeps_serving(
     result = fetch("good")
     assert result["state"] == "complete"
     assert _sha256(result["path"]) == _sha256(tmp_path / "good.tar")
+
+
+@pytest.mark.slow
+def test_a_daemon_killed_mid_broadcast_does_not_stop_the_others(
+    published: tuple[Path, Path, Manifest], cluster_factory: Any
+) -> None:
+    image, origin, manifest = published
+    cluster = cluster_factory(origin, "uvloop", True)
+    victim = "n3"
+    survivors = [n for n in cluster.names if n != victim]
+
+    async def run() -> dict[str, dict[str, Any]]:
+        async def fetch(name: str) -> dict[str, Any]:
+            return await control.request(
+                cluster.control(name), "fetch", image="img", peers=f"n[1-{NODES}]", node=name,
+                addresses=cluster.hosts,
+            )  # fmt: skip
+
+        tasks = {name: asyncio.create_task(fetch(name)) for name in cluster.names}
+        # Kill the victim once it holds part of the image (and serves it).
+        while True:
+            status = await control.request(cluster.control(victim), "status")
+            done = [b["chunks_done"] for b in status["broadcasts"]]
+            if done and done[0] >= manifest.chunk_count // 4:
+                break
+            await asyncio.sleep(0.01)
+        cluster.procs[victim].kill()
+        cluster.procs[victim].wait()
+        results = {name: await tasks[name] for name in survivors}
+        tasks[victim].cancel()
+        await asyncio.gather(tasks[victim], return_exceptions=True)
+        return results
+
+    results = asyncio.run(run())
+    want = _sha256(image)
+    for name, result in results.items():
+        assert result["state"] == "complete", name
+        assert _sha256(result["path"]) == want, name
+    read = sum(int(r["origin_bytes_read"]) for r in results.values())
+    # The victim's unread share is read again by its backup; nothing else.
+    assert read <= 1.25 * manifest.stored_total

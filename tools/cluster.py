@@ -144,15 +144,23 @@ def _batch(tool: str, lines: Sequence[str], netns: str | None = None, force: boo
     return proc.stderr
 
 
-def _qdisc_available(dev: str, kind: str) -> bool:
-    tc = _tool("tc")
-    probe = subprocess.run(
-        [tc, "qdisc", "add", "dev", dev, "root", kind], capture_output=True, check=False
-    )
-    if probe.returncode != 0:
-        return False
-    subprocess.run([tc, "qdisc", "del", "dev", dev, "root"], capture_output=True, check=False)
-    return True
+def _choose_leaf(name: str, delay_ms: float) -> str:
+    """The queue under each shaper: netem if a delay is asked for (an error if this
+    kernel lacks it), else fq_codel, else bfifo. Probed on a scratch veth pair before
+    anything is torn down or built."""
+    ip, tc, probe = _tool("ip"), _tool("tc"), f"{name}-qa"
+    subprocess.run([ip, "link", "del", probe], capture_output=True, check=False)  # a stale one
+    _batch("ip", [f"link add {probe} type veth peer name {name}-qb"])
+    try:
+        for kind in ["netem"] if delay_ms > 0 else ["fq_codel"]:
+            argv = [tc, "qdisc", "add", "dev", probe, "root", kind]
+            if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
+                return kind
+    finally:
+        subprocess.run([ip, "link", "del", probe], capture_output=True, check=False)
+    if delay_ms > 0:
+        raise ClusterError("--delay needs the netem qdisc (sch_netem), which this kernel lacks")
+    return "bfifo"
 
 
 def _shaping(dev: str, rate_bit: int, leaf: str, delay_ms: float) -> list[str]:
@@ -317,18 +325,20 @@ def _own_namespaces(name: str, state: Mapping[str, Any] | None) -> list[str]:
 
 def _root_links() -> dict[str, list[str]]:
     """Root-namespace interface name -> its IPv4 addresses (CIDR)."""
-    out = subprocess.run(
+    proc = subprocess.run(
         [_tool("ip"), "-j", "addr", "show"], capture_output=True, text=True, check=False
-    ).stdout
+    )
+    if proc.returncode != 0:
+        raise ClusterError(f"ip -j addr show: {_one_line(proc.stderr)}")
     links: dict[str, list[str]] = {}
-    for link in json.loads(out or "[]"):
+    for link in json.loads(proc.stdout or "[]"):
         addrs = [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])]
         links[link["ifname"]] = [a for a in addrs if ":" not in a]
     return links
 
 
 def _own_links(name: str) -> list[str]:
-    pattern = re.compile(rf"{re.escape(name)}-(n\d+|{ORIGIN}|br)")
+    pattern = re.compile(rf"{re.escape(name)}-(n\d+|{ORIGIN}|br|qa|qb)")
     return sorted(ifname for ifname in _root_links() if pattern.fullmatch(ifname))
 
 
@@ -339,14 +349,12 @@ def _release_netns_dir() -> None:
             return
     except OSError:
         return
-    for _ in range(4):
+    umount = ["umount", str(NETNS_DIR)]
+    for _ in range(4):  # it may be stacked
         mounts = Path("/proc/self/mountinfo").read_text().splitlines()
         if not any(line.split()[4] == str(NETNS_DIR) for line in mounts):
             return
-        if (
-            subprocess.run(["umount", str(NETNS_DIR)], capture_output=True, check=False).returncode
-            != 0
-        ):
+        if subprocess.run(umount, capture_output=True, check=False).returncode != 0:
             return
 
 
@@ -385,26 +393,15 @@ def _teardown(name: str) -> list[int]:
 
 
 def _build(
-    name: str,
-    n: int,
-    rate_bit: int,
-    origin_rate_bit: int,
-    delay_ms: float,
-    subnet: str,
-    rates: Mapping[str, int],
+    name: str, n: int, rates: Mapping[str, int], leaf: str, delay_ms: float, subnet: str
 ) -> dict[str, Any]:
+    """Build cluster NAME: N nodes and the origin, RATES (bit/s) by host name."""
     net = ipaddress.IPv4Network(subnet)
     bridge, bridge_address = f"{name}-br", str(net[BRIDGE_HOST])
-    hosts = [
-        Host(f"n{i}", f"{name}-n{i}", str(net[i]), f"{name}-n{i}", rate_bit)
-        for i in range(1, n + 1)
-    ]
-    hosts.append(
-        Host(ORIGIN, f"{name}-{ORIGIN}", str(net[ORIGIN_HOST]), f"{name}-{ORIGIN}", origin_rate_bit)
-    )
-    hosts = [
-        Host(h.node, h.namespace, h.address, h.veth, rates.get(h.node, h.rate_bit)) for h in hosts
-    ]
+    hosts = []
+    for node, index in [(f"n{i}", i) for i in range(1, n + 1)] + [(ORIGIN, ORIGIN_HOST)]:
+        ifname = f"{name}-{node}"
+        hosts.append(Host(node, ifname, str(net[index]), ifname, rates[node]))
     for ifname, addrs in _root_links().items():
         for addr in addrs:
             if ipaddress.ip_interface(addr).network.overlaps(net):
@@ -418,12 +415,6 @@ def _build(
     ]
     lines += [f"link set {h.veth} master {bridge} up" for h in hosts]
     _batch("ip", lines)
-    if delay_ms > 0:
-        if not _qdisc_available(bridge, "netem"):
-            raise ClusterError("--delay needs the netem qdisc (sch_netem), which this kernel lacks")
-        leaf = "netem"
-    else:
-        leaf = "fq_codel" if _qdisc_available(bridge, "fq_codel") else "bfifo"
     # Download: egress of the bridge-side veth, towards the host.
     _batch("tc", [ln for h in hosts for ln in _shaping(h.veth, h.rate_bit, leaf, delay_ms)])
     for h in hosts:
@@ -487,18 +478,19 @@ class Cluster:
             raise ClusterError(f"subnet {subnet} must be a /24 inside {TEST_RANGE} (RFC 2544)")
         rate = parse_rate(rate_bit)
         origin_rate = rate if origin_rate_bit is None else parse_rate(origin_rate_bit)
+        link_rates = {f"n{i}": rate for i in range(1, n + 1)} | {ORIGIN: origin_rate}
         overrides = {node: parse_rate(r) for node, r in (rates or {}).items()}
-        known = {f"n{i}" for i in range(1, n + 1)} | {ORIGIN}
-        if unknown := sorted(set(overrides) - known):
+        if unknown := sorted(set(overrides) - set(link_rates)):
             raise ClusterError(
                 f"rates for unknown hosts {', '.join(unknown)} (have n1..n{n}, origin)"
             )
         delay = parse_delay(delay_ms)
         require_privileges()
         with _locked():
+            leaf = _choose_leaf(name, delay)  # before tearing down: may refuse --delay
             _teardown(name)
             try:
-                state = _build(name, n, rate, origin_rate, delay, str(net), overrides)
+                state = _build(name, n, link_rates | overrides, leaf, delay, str(net))
                 _write_state(name, state)
             except BaseException:
                 _teardown(name)
