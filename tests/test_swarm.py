@@ -440,11 +440,17 @@ def test_dead_owner_is_replaced_by_the_next_rank_only() -> None:
     taken: dict[int, list[int]] = {}
     for rank, swarm in swarms.items():
         all_up(swarm)
-        swarm.have_announced(dead, 1, 0.0)  # it read chunk 1 before it died
+        # It read chunks 1 and 5 before it died; rank 0 already fetched 5.
+        swarm.have_announced(dead, 1, 0.0)
+        swarm.have_announced(dead, 5, 0.0)
+        if rank != 0:
+            swarm.have_announced(0, 5, 0.0)
         swarm.peer_dead(dead, 0.5)
         assert swarm.backup_owner(5) == 2
         taken[rank] = origin_reads(swarm.poll(0.5))
-    assert taken == {0: [], 2: [5, 9, 13], 3: []}
+    # Chunk 1 died with its only holder: the backup reads it again; chunk 5
+    # is still to be had from rank 0.
+    assert taken == {0: [], 2: [1, 9, 13], 3: []}
 
 
 def test_backup_owner_skips_a_dead_backup() -> None:
