@@ -226,6 +226,14 @@ class PeerService:
             if broadcast is not None:
                 broadcast.peer_done(link.peer_node)
 
+    def chunk_length(self, image_id: bytes, index: int) -> int | None:
+        broadcast = self.broadcasts.get(image_id)
+        if broadcast is None:
+            return None  # stopped meanwhile: the body is read and dropped
+        if not 0 <= index < broadcast.manifest.chunk_count:
+            return -1  # no such chunk: no length is right
+        return broadcast.manifest.chunk(index).stored_size
+
     @staticmethod
     def _rank_key(broadcast: Broadcast, link: PeerLink) -> int:
         """The downstream's rank in the broadcast; links from unknown nodes get
@@ -523,6 +531,8 @@ class Broadcast:
                 link.send(link.conn.done(self.image_id))
             while not link.closed:
                 await link.lost.wait()
+            if self.swarm.peers[rank].banned:
+                return
             give_up = self.loop.time() + RECONNECT_WINDOW
 
     def link_lost(self, link: PeerLink, error: P2PCastError | None) -> None:
@@ -532,7 +542,11 @@ class Broadcast:
         if self.rank_links.get(rank) is link:
             del self.rank_links[rank]
         log.info("link to %s lost: %s", self.peers[rank].name, error or "closed")
-        self.swarm.peer_down(rank, self.loop.time())
+        if isinstance(error, ProtocolError):
+            # It broke the protocol (lying lengths, garbage): never again here.
+            self.swarm.peer_banned(rank, self.loop.time())
+        else:
+            self.swarm.peer_down(rank, self.loop.time())
         self.wakeup.set()
 
     def peer_done(self, node: str | None) -> None:
@@ -550,8 +564,6 @@ class Broadcast:
                 return
             present = [i for i in range(event.chunk_count) if bit_is_set(event.bits, i)]
             self.swarm.bitfield(rank, present, now)
-            if len(present) == event.chunk_count:
-                self.peers_done.add(self.peers[rank].name)
         elif isinstance(event, HaveReceived):
             if event.index < self.manifest.chunk_count:
                 self.swarm.have_announced(rank, event.index, now)
@@ -569,7 +581,9 @@ class Broadcast:
                     self.fail(exc)
                 else:
                     self._arrived(event.index, rank)
-        elif isinstance(event, RequestRejected):
+        if self.swarm.peers[rank].announced == self.manifest.chunk_count:
+            self.peers_done.add(self.peers[rank].name)  # it holds everything
+        if isinstance(event, RequestRejected):
             busy = event.reason == BUSY
             self.swarm.chunk_failed(event.index, rank, now, corrupt=False, busy=busy)
         self.wakeup.set()

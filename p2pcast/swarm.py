@@ -127,6 +127,7 @@ class _Peer:
     #: chunks this peer has that we may still want (stale entries pruned lazily)
     offers: set[int] = dataclasses.field(default_factory=set)
     owned_progress: int = 0
+    announced: int = 0  # chunks this peer told us it holds
     rate: float = 0.0
     busy_until: float = 0.0
     #: chunks whose request to this peer timed out
@@ -275,6 +276,7 @@ class Swarm:
         if peer.bits[index]:
             return
         peer.bits[index] = 1
+        peer.announced += 1
         if self.owner(index) == rank:
             peer.owned_progress += 1
         self.holders[index] += 1
@@ -332,6 +334,7 @@ class Swarm:
             peer.busy_until = now + self.config.busy_backoff_chunks * self._expected_chunk_time()
         elif peer.bits[index]:
             peer.bits[index] = 0  # it does not have it after all
+            peer.announced -= 1
             self.holders[index] -= 1
 
     # ---- the decision -----------------------------------------------------

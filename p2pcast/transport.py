@@ -63,6 +63,10 @@ class LinkHandler(Protocol):
 
     def link_closed(self, link: PeerLink, error: P2PCastError | None) -> None: ...
 
+    def chunk_length(self, image_id: bytes, index: int) -> int | None:
+        """The stored size the manifest gives this chunk (None: unknown here)."""
+        ...
+
 
 def tune_socket(sock: socket.socket) -> None:
     sock.setblocking(False)
@@ -292,6 +296,12 @@ class PeerLink:
             error = PeerError(f"link to {self.peer_node or self.address}: {exc}")
         self.abort(error)
 
+    def _length_ok(self, event: ChunkHeaderReceived) -> bool:
+        """A body is only received if its length is the manifest's: a peer must
+        not make us allocate or read more than the chunk it owes us."""
+        expected = self.handler.chunk_length(event.image_id, event.index)
+        return expected is None or expected == event.length
+
     async def _drain_events(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hand every complete event to the handler; True once the peer closed."""
         pending_body: memoryview | None = None
@@ -303,6 +313,11 @@ class PeerLink:
                 self.peer_node = event.node
                 if not self.hello.done():
                     self.hello.set_result(None)
+            elif isinstance(event, ChunkHeaderReceived) and not self._length_ok(event):
+                raise ProtocolError(
+                    f"chunk {event.index} announced with {event.length} bytes, "
+                    f"the manifest says {self.handler.chunk_length(event.image_id, event.index)}"
+                )
             elif isinstance(event, ChunkHeaderReceived) and self.zero_copy:
                 pending_body = self._buffer(event.length)
                 got = self.conn.readinto_body(pending_body)

@@ -173,12 +173,14 @@ class LyingService(PeerService):
 
     garbage_fd = -1
     lies = 0
+    #: bytes added to each chunk's true length (a peer lying about lengths)
+    extra = 0
 
     def _serve(self, link: PeerLink, event: Event) -> None:
         if isinstance(event, ChunkRequested):
             broadcast = self.broadcasts.get(event.image_id)
             if broadcast is not None and broadcast.swarm.have[event.index]:
-                length = broadcast.manifest.chunk(event.index).stored_size
+                length = broadcast.manifest.chunk(event.index).stored_size + self.extra
                 piece = FileSlice(self.garbage_fd, 0, length)
                 link.send_chunk(event.image_id, event.index, lambda: piece)
                 type(self).lies += 1
@@ -186,13 +188,18 @@ class LyingService(PeerService):
         super()._serve(link, event)
 
 
-def test_lying_peer_is_banned_and_images_stay_correct(tmp_path: Path, published: Published) -> None:
+@pytest.mark.parametrize("extra", [0, 4096], ids=["bad-bytes", "bad-length"])
+def test_lying_peer_is_banned_and_images_stay_correct(
+    tmp_path: Path, published: Published, extra: int
+) -> None:
     garbage = tmp_path / "garbage"
-    garbage.write_bytes(os.urandom(2 * MiB))
+    garbage.write_bytes(os.urandom(2 * MiB + extra))
     liar_rank = 3  # the ring predecessor of rank 0: rank 0 asks it first
 
     class Liar(LyingService):
         pass
+
+    Liar.extra = extra
 
     async def main() -> None:
         fd = os.open(garbage, os.O_RDONLY)
