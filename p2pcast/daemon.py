@@ -17,6 +17,7 @@ import random
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,7 @@ class Daemon:
 
     async def fetch(self, body: dict[str, Any]) -> Broadcast:
         """Start (or join) the broadcast of an image to a set of peers."""
+        requested_at = time.time()
         ref = parse_image_ref(str(body.get("image", "")))
         origin = self.origin(body.get("origin"))
         names = hostlists.expand(str(body.get("peers") or self.config.node))
@@ -261,6 +263,7 @@ class Daemon:
             job=str(body.get("job", "")),
             options=self.config.options,
             rng=random.Random(),
+            requested_at=requested_at,
         )
         task = asyncio.create_task(self._run(broadcast), name=f"broadcast {ref}")
         self.runs[image_id] = task

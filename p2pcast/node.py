@@ -270,6 +270,7 @@ class Broadcast:
         job: str = "",
         options: BroadcastOptions = BroadcastOptions(),
         rng: random.Random | None = None,
+        requested_at: float | None = None,
     ) -> None:
         self.service = service
         self.manifest = manifest_mod.decode(manifest_bytes)
@@ -293,7 +294,9 @@ class Broadcast:
         )
         self.state = "complete" if self.image.complete else "fetching"
         self.error: P2PCastError | None = None
-        self.started = time.time()
+        #: when it was asked for (wall clock): progress times count from here,
+        #: so fetching the manifest and setting up are included
+        self.started = requested_at or time.time()
         self.finished_at: float | None = self.started if self.image.complete else None
         self.cached = self.image.complete
         #: when the last chunk arrived (before the whole-image check)

@@ -20,6 +20,8 @@ APT_PACKAGES=(
     squashfs-tools squashfuse fuse3 zstd tar gzip
     # Network namespaces (ip netns, veth) for the multi-host tests
     iproute2
+    # The cluster benchmark's reference methods: HTTP pull and a relay chain
+    curl netcat-openbsd
 )
 
 PYTHON=/usr/bin/python3
