@@ -196,15 +196,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return result
 
     async def in_process() -> dict[str, Any]:
-        from p2pcast.daemon import Daemon, DaemonConfig
+        from p2pcast.daemon import DEFAULT_PORT, Daemon, DaemonConfig
         from p2pcast.node import BroadcastOptions
 
         node = args.node or DaemonConfig().node
         state = Path(args.state_dir)
+        alone = not args.peers or hostlists.expand(args.peers) == [node]
+        # Peers find each other on one agreed port; alone, any free port does.
+        port = args.port if args.port is not None else (0 if alone else DEFAULT_PORT)
         config = DaemonConfig(
             node=node,
             listen=args.listen,
-            port=args.port or 0,
+            port=port,
             state_dir=state,
             control_socket=str(state / "fetch.sock"),
             origin=args.origin,
@@ -213,7 +216,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         daemon = Daemon(config)
         await daemon.start()
         try:
-            broadcast = await daemon.fetch({**request, "node": node, "port": args.port})
+            broadcast = await daemon.fetch({**request, "node": node, "port": port or None})
             while not broadcast.done.is_set():
                 bar.update(broadcast.progress()["bytes_done"], broadcast.manifest.stored_total)
                 try:
