@@ -1,7 +1,7 @@
-"""Cluster benchmark: one image to N emulated nodes on shaped links, three ways.
+"""Cluster benchmark: one image to N emulated nodes on shaped links, four ways.
 
     .venv/bin/python -m bench.cluster_bench --nodes 2,4,8 --rate 400mbit --size 256M \\
-        --methods p2pcast,http,chain --out bench/results/cluster.json [--plot]
+        --methods p2pcast,http,chain,aria2 --out bench/results/cluster.json [--plot]
 
 For each N a cluster of N node namespaces and an origin namespace is built with
 tools/cluster.py (every link shaped to --rate both ways, the origin's to
@@ -10,15 +10,19 @@ http.server``, and each method gets the same image onto every node:
 
 - p2pcast: a daemon per node (origin http://ORIGIN:PORT), fetch asked on all at once;
 - http: every node downloads the whole image file with curl (the status quo);
-- chain: origin -> n1 -> ... -> nN with ``nc -l | tee | nc`` (netcat-openbsd).
+- chain: origin -> n1 -> ... -> nN with ``nc -l | tee | nc`` (netcat-openbsd);
+- aria2: BitTorrent, opentracker and a seeding aria2c in the origin, an aria2c per
+  node (pieces of --piece-length, each hash-checked by aria2), all nodes seeding
+  until the last is done.
 
 Every copy is checked against the image's sha256 by this process, after the
 timed window. Reported per method and N: time to the first, median and last
 node and each over the floor S/B (S the image size, B the link rate in bytes/s),
 bytes the origin served (as the method counts them, and on the origin's wire),
 CPU seconds of everything in the namespaces and the machine's busy share.
-Needs root, iproute2, curl and netcat-openbsd. Everything it starts is stopped
-by PID and the cluster is taken down, also on errors and Ctrl-C.
+Needs root, iproute2, curl and netcat-openbsd (and aria2, opentracker for aria2).
+Everything it starts is stopped by PID and the cluster is taken down, also on
+errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -170,6 +174,8 @@ def summarize(
         record["stored_bytes"] = run.extra["stored_bytes"]
         stored_floor = floor * run.extra["stored_bytes"] / size
         record["last_ratio_stored"] = round(times[-1] / stored_floor, 3)
+    if "piece_length" in run.extra:  # aria2
+        record["piece_length"] = run.extra["piece_length"]
     return record
 
 
@@ -203,6 +209,7 @@ def run_n(
                         size=image["size"],
                         work=mwork,
                         timeout=args.timeout,
+                        piece_length=parse_size(args.piece_length),
                     )
                     time.sleep(args.settle)
                     wire0 = cm.origin_tx_bytes(cluster)
@@ -234,9 +241,10 @@ HEADER = (
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['method']:8s} {r['nodes']:3d}  FAILED: {r['error']}"
+    origin = "?" if r["origin_ratio"] is None else f"{r['origin_ratio']:.2f}x"
     return (
         f"{r['method']:8s} {r['nodes']:3d} {r['first_seconds']:7.2f} {r['median_seconds']:7.2f} "
-        f"{r['last_seconds']:7.2f} {r['last_ratio']:7.2f} {r['origin_ratio']:6.2f}x "
+        f"{r['last_seconds']:7.2f} {r['last_ratio']:7.2f} {origin:>7s} "
         f"{r['origin_wire_ratio']:5.2f}x {r['cpu_seconds']:7.1f} {r['cpu_cores']:5.2f} "
         f"{r['machine_busy_pct']:6.1f}  {r['verified']}/{r['nodes']} ok"
     )
@@ -304,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
         help="demo: p2pcast.demo.make_image (1/4 compressible); random: incompressible",
     )  # fmt: skip
     ap.add_argument("--chunk-size", default="4M")
+    ap.add_argument("--piece-length", default="1M", help="aria2: the torrent's piece length")
     ap.add_argument("--methods", default="p2pcast,http,chain")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="bench/results/cluster.json")
@@ -381,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "image_kind": args.image_kind,
             "chunk_size": image["chunk_size"],
+            "piece_length": parse_size(args.piece_length),
         },
         "image": {k: v for k, v in image.items() if k not in ("path", "origin_dir")},
         "floor_seconds": round(floor, 4),

@@ -1,4 +1,4 @@
-"""The three ways of getting one image onto N emulated nodes (bench/cluster_bench.py).
+"""The four ways of getting one image onto N emulated nodes (bench/cluster_bench.py).
 
 Each method runs inside a live ``tools.cluster.Cluster`` whose origin namespace
 already serves ``ORIGIN_DIR`` over HTTP (``python -m http.server``), and returns
@@ -8,7 +8,8 @@ measured around the timed window by ``CpuMeter``.
 
 - ``p2pcast``: one daemon per node namespace, fetch requested on every node at once;
 - ``http``: every node downloads the whole image file with curl (the status quo);
-- ``chain``: origin -> n1 -> ... -> nN, each hop ``nc -l | tee FILE | nc NEXT``.
+- ``chain``: origin -> n1 -> ... -> nN, each hop ``nc -l | tee FILE | nc NEXT``;
+- ``aria2``: BitTorrent, opentracker and a seeding aria2c in the origin, aria2c per node.
 
 Every process a method starts is stopped and reaped by PID before it returns.
 """
@@ -18,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,7 @@ class Setup:
     size: int
     work: Path  # scratch for this method (per-node copies, daemon state)
     timeout: float  # seconds for the whole transfer
+    piece_length: int = 1 << 20  # aria2: the torrent's piece length
 
 
 # ---- CPU ----------------------------------------------------------------------------
@@ -384,4 +392,198 @@ def run_chain(setup: Setup, meter: CpuMeter) -> MethodRun:
     )
 
 
-METHODS = {"p2pcast": run_p2pcast, "http": run_http, "chain": run_chain}
+# ---- aria2 (BitTorrent) -------------------------------------------------------------
+
+TRACKER_PORT = 6969
+BT_PORT = 6881
+ARIA2_RPC_PORT = 6800
+ARIA2_LOG_LEVEL = "warn"
+
+
+def bencode(value: Any) -> bytes:
+    """BitTorrent's bencoding of int, bytes, str, list and dict (keys sorted)."""
+    if isinstance(value, int):
+        return b"i%de" % value
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        return b"%d:%s" % (len(value), value)
+    if isinstance(value, list):
+        return b"l" + b"".join(bencode(v) for v in value) + b"e"
+    if isinstance(value, dict):
+        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in value.items())
+        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
+    raise TypeError(f"cannot bencode {type(value).__name__}")
+
+
+def make_torrent(image: Path, announce: str, piece_length: int) -> tuple[bytes, str]:
+    """(.torrent bytes, info hash in hex) for the single file IMAGE."""
+    pieces = []
+    with open(image, "rb") as f:
+        while piece := f.read(piece_length):
+            pieces.append(hashlib.sha1(piece).digest())
+    info = {
+        "name": image.name,
+        "length": image.stat().st_size,
+        "piece length": piece_length,
+        "pieces": b"".join(pieces),
+    }
+    torrent = bencode({"announce": announce, "created by": "p2pcast cluster_bench", "info": info})
+    return torrent, hashlib.sha1(bencode(info)).hexdigest()
+
+
+def _aria2_argv(aria2c: str, torrent: Path, directory: Path, log: Path, n: int) -> list[str]:
+    """aria2c options shared by the seeder and the leechers, tuned for a fast LAN."""
+    return [
+        aria2c, "--no-conf=true", f"--dir={directory}", f"--log={log}",
+        f"--log-level={ARIA2_LOG_LEVEL}", "--console-log-level=warn",
+        "--summary-interval=0", "--quiet=true",
+        "--seed-ratio=0.0",  # with no --seed-time: seed until stopped
+        "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
+        "--enable-peer-exchange=true", f"--listen-port={BT_PORT}",
+        f"--bt-max-peers={max(55, 2 * n)}", "--bt-request-peer-speed-limit=100M",
+        "--bt-tracker-connect-timeout=5", "--bt-tracker-timeout=5",
+        "--bt-tracker-interval=1", "--file-allocation=none", "--check-integrity=true",
+        "--auto-file-renaming=false", "--allow-overwrite=true", "--disk-cache=32M",
+        str(torrent),
+    ]  # fmt: skip
+
+
+def _seeder_stats(cluster: Cluster) -> dict[str, Any]:
+    """The origin seeder's aria2.tellActive over its RPC port (origin's own loopback)."""
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": "b", "method": "aria2.tellActive",
+         "params": [["status", "uploadLength", "completedLength", "numSeeders",
+                     "connections"]]}
+    )  # fmt: skip
+    out = cluster.run(
+        "origin",
+        ["curl", "--silent", "--max-time", "5", "--data", body,
+         f"http://127.0.0.1:{ARIA2_RPC_PORT}/jsonrpc"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout or "{}").get("result") or [{}]
+    return dict(result[0])
+
+
+def _tracker_complete(cluster: Cluster, info_hash: str) -> int:
+    """Seeders the tracker knows for INFO_HASH (a scrape, from the origin's namespace)."""
+    quoted = urllib.parse.quote(bytes.fromhex(info_hash))
+    url = f"http://{cluster.origin_address}:{TRACKER_PORT}/scrape?info_hash={quoted}"
+    out = cluster.run("origin", ["curl", "--silent", "--max-time", "2", url], capture_output=True)
+    m = re.search(rb"8:completei(\d+)e", out.stdout)
+    return int(m.group(1)) if m else 0
+
+
+def run_aria2(setup: Setup, meter: CpuMeter) -> MethodRun:
+    """BitTorrent: opentracker and a seeding aria2c (the full image) in the origin, then
+    one aria2c per node, all at once. Every node keeps seeding until the last is done;
+    a node's time is when its aria2c has every piece (hash-checked), stamped by the
+    --on-bt-download-complete hook. aria2c and opentracker are stopped by PID."""
+    cluster = setup.cluster
+    aria2c, tracker = shutil.which("aria2c"), shutil.which("opentracker")
+    if aria2c is None or tracker is None:
+        raise RuntimeError("aria2 needs aria2c and opentracker: apt-get install aria2 opentracker")
+    nodes = cluster.nodes
+    work = setup.work
+    origin_ip = cluster.origin_address
+    announce = f"http://{origin_ip}:{TRACKER_PORT}/announce"
+    torrent_bytes, info_hash = make_torrent(setup.image, announce, setup.piece_length)
+    torrent = work / "image.torrent"
+    torrent.write_bytes(torrent_bytes)
+    hook = work / "done-hook.sh"
+    hook.write_text('#!/bin/sh\ndate +%s.%N > "$3.done.tmp" && mv "$3.done.tmp" "$3.done"\n')
+    hook.chmod(0o755)
+    paths = {node: str(work / node / setup.image.name) for node in nodes}
+    stamps = {node: Path(paths[node] + ".done") for node in nodes}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = []
+    # Debian's opentracker is built with a whitelist of info hashes: give it ours. It
+    # reads the list after dropping to user nobody (it refuses to run as root), so the
+    # list lives in a world-readable directory of its own; `-d /` makes its chroot a no-op.
+    listdir = Path(tempfile.mkdtemp(prefix="p2pcast-tracker-"))
+    try:
+        listdir.chmod(0o755)
+        (listdir / "whitelist.txt").write_text(info_hash + "\n")
+        (listdir / "whitelist.txt").chmod(0o644)
+        (work / "opentracker.conf").write_text(f"access.whitelist {listdir / 'whitelist.txt'}\n")
+        log = open(work / "opentracker.log", "wb")  # noqa: SIM115 (closed in finally)
+        logs.append(log)
+        procs["tracker"] = cluster.popen(
+            "origin",
+            [tracker, "-f", str(work / "opentracker.conf"), "-d", "/", "-i", origin_ip,
+             "-p", str(TRACKER_PORT), "-P", str(TRACKER_PORT)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=work,
+        )  # fmt: skip
+        seed_dir = work / "seed"
+        seed_dir.mkdir()
+        os.link(setup.image, seed_dir / setup.image.name)
+        argv = _aria2_argv(aria2c, torrent, seed_dir, work / "seed.log", len(nodes))
+        argv[1:1] = [
+            "--bt-seed-unverified=true", "--enable-rpc=true",
+            f"--rpc-listen-port={ARIA2_RPC_PORT}", "--rpc-listen-all=false",
+        ]  # fmt: skip
+        argv.remove("--check-integrity=true")  # the origin's file is the reference
+        procs["origin"] = cluster.popen(
+            "origin", argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while _tracker_complete(cluster, info_hash) < 1:
+            for name in ("tracker", "origin"):
+                if procs[name].poll() is not None:
+                    raise RuntimeError(f"aria2: {name} exited ({procs[name].returncode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError("aria2: the seeder did not reach the tracker")
+            time.sleep(0.05)
+        for node in nodes:
+            (work / node).mkdir()
+        meter.start()
+        t0 = time.monotonic()
+        t0_wall = time.time()
+        for node in nodes:
+            argv = _aria2_argv(aria2c, torrent, work / node, work / f"{node}.log", len(nodes))
+            argv[1:1] = [f"--on-bt-download-complete={hook}"]
+            procs[node] = cluster.popen(
+                node, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            )
+        deadline = t0 + setup.timeout
+        while not all(s.exists() for s in stamps.values()):
+            if dead := {k: p.returncode for k, p in procs.items() if p.poll() is not None}:
+                raise RuntimeError(f"aria2: exited before the last node was done: {dead}")
+            if time.monotonic() > deadline:
+                late = sorted(node for node, s in stamps.items() if not s.exists())
+                raise TimeoutError(f"not done after {setup.timeout:.0f} s: {', '.join(late)}")
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+        cpu = meter.stop()
+        seeder = _seeder_stats(cluster)
+    finally:
+        # aria2c first (a second SIGTERM skips its goodbye to the tracker), then the tracker
+        aria = [p for name, p in procs.items() if name != "tracker"]
+        for proc in aria:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGTERM)
+        _stop(aria)
+        _stop([p for name, p in procs.items() if name == "tracker"])
+        for f in logs:
+            f.close()
+        shutil.rmtree(listdir, ignore_errors=True)
+    seconds = {node: float(stamps[node].read_text()) - t0_wall for node in nodes}
+    uploaded = seeder.get("uploadLength")
+    return MethodRun(
+        seconds=seconds,
+        paths=paths,
+        wall_seconds=wall,
+        origin_bytes=int(uploaded) if uploaded is not None else None,
+        extra={"cpu": cpu, "piece_length": setup.piece_length},
+    )
+
+
+METHODS: dict[str, Callable[[Setup, CpuMeter], MethodRun]] = {
+    "p2pcast": run_p2pcast,
+    "http": run_http,
+    "chain": run_chain,
+    "aria2": run_aria2,
+}

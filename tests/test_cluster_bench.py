@@ -1,10 +1,10 @@
-"""bench/cluster_bench.py end to end, small: N=2, 16 MiB, 200mbit, all three methods.
+"""bench/cluster_bench.py end to end, small: N=2, 16 MiB, 200mbit, all four methods.
 
 Builds a real emulated cluster (network namespaces, as root), so it is skipped
-when not root, or when curl / netcat-openbsd are missing (tools/setup.sh does
-not install netcat-openbsd yet); under CI (CI set) a missing root fails, as in
-test_cluster_tool.py. The cluster has a name and subnet of its own, and the test
-checks that it is gone afterwards with nothing left running in it.
+when not root, or when curl / netcat-openbsd / aria2 / opentracker are missing;
+under CI (CI set) a missing root fails, as in test_cluster_tool.py. The cluster
+has a name and subnet of its own, and the test checks that it is gone afterwards
+with nothing left running in it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,10 @@ def _missing() -> str | None:
         return "needs root"
     if not (shutil.which("ip") or Path("/usr/sbin/ip").exists()):
         return "needs iproute2"
-    for tool, package in (("curl", "curl"), ("nc", "netcat-openbsd"), ("ss", "iproute2")):
+    for tool, package in (
+        ("curl", "curl"), ("nc", "netcat-openbsd"), ("ss", "iproute2"), ("aria2c", "aria2"),
+        ("opentracker", "opentracker"),
+    ):  # fmt: skip
         if shutil.which(tool) is None:
             return f"needs {tool} ({package})"
     return None
@@ -50,7 +54,7 @@ def test_cluster_bench_small(tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
     argv = [
         "--nodes", "2", "--rate", "200mbit", "--size", "16M",
-        "--methods", "p2pcast,http,chain", "--out", str(out),
+        "--methods", "p2pcast,http,chain,aria2", "--out", str(out),
         "--name", name, "--subnet", "198.19.252.0/24", "--settle", "0.1",
         "--timeout", "60", "--workdir", str(tmp_path / "work"), "--quiet",
     ]  # fmt: skip
@@ -65,7 +69,7 @@ def test_cluster_bench_small(tmp_path: Path) -> None:
     assert result["floor_seconds"] == pytest.approx(size / 25e6, rel=1e-3)
     assert {"cpus", "note"} <= set(result["machine"])
     runs = {r["method"]: r for r in result["runs"]}
-    assert set(runs) == {"p2pcast", "http", "chain"}
+    assert set(runs) == {"p2pcast", "http", "chain", "aria2"}
     for method, r in runs.items():
         assert set(r) >= FIELDS, (method, sorted(FIELDS - set(r)))
         assert r["ok"] and r["verified"] == 2, r
@@ -80,10 +84,15 @@ def test_cluster_bench_small(tmp_path: Path) -> None:
     # p2pcast reads each stored chunk about once (stored <= size: zstd where it pays)
     assert runs["p2pcast"]["origin_bytes"] <= 1.2 * size
     assert runs["http"]["origin_wire_bytes"] >= 2 * size
+    # aria2: the origin's seeder uploads at least one copy, at most one per node
+    assert size <= runs["aria2"]["origin_bytes"] <= 2 * size
+    assert runs["aria2"]["piece_length"] == 1 << 20
+    assert result["params"]["piece_length"] == 1 << 20
     # cleaned up: no namespace, no state file, no scratch
     assert not any(ns.startswith(f"{name}-") for ns in _namespaces())
     assert not cl.state_path(name).exists()
     assert not (tmp_path / "work").exists()
+    assert not list(Path(tempfile.gettempdir()).glob("p2pcast-tracker-*"))
 
 
 def _namespaces() -> list[str]:

@@ -22,6 +22,8 @@ APT_PACKAGES=(
     iproute2
     # The cluster benchmark's reference methods: HTTP pull and a relay chain
     curl netcat-openbsd
+    # ... and BitTorrent: aria2c peers and a tracker
+    aria2 opentracker
 )
 
 PYTHON=/usr/bin/python3
