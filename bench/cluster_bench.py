@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import hashlib
 import io
 import json
 import os
@@ -51,6 +50,7 @@ from typing import Any
 from bench import cluster_methods as cm
 from p2pcast.cli import parse_size
 from p2pcast.demo import make_image
+from p2pcast.hashing import file_sha256
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
 from p2pcast.publish import push
@@ -82,14 +82,6 @@ def make_random_image(path: Path, size: int, seed: int = 7) -> None:
             tar.addfile(info, io.BytesIO(rng.randbytes(member)))
             written += member + 512
             n += 1
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare_image(work: Path, size: int, kind: str, chunk_size: int) -> dict[str, Any]:
@@ -135,7 +127,7 @@ def _wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 
 def _verify(paths: dict[str, str], want: str) -> dict[str, bool]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        got = dict(zip(paths, pool.map(sha256_file, paths.values()), strict=True))
+        got = dict(zip(paths, pool.map(file_sha256, paths.values()), strict=True))
     return {node: digest == want for node, digest in got.items()}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Any
 from p2pcast import control, manifest
 from p2pcast.cli import Progress, human, run
 from p2pcast.errors import DaemonUnavailable, ImageDigestMismatch, StageError
+from p2pcast.hashing import file_sha256
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
 from p2pcast.publish import push
@@ -162,14 +162,6 @@ async def broadcast(
     return dict(zip(peers, results, strict=True))
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _scratch(needed: int) -> Path:
     """A temporary directory in RAM (/dev/shm) when it has room, else in /tmp.
 
@@ -223,7 +215,7 @@ def run_demo(args: argparse.Namespace) -> int:
         # Check every copy ourselves, independently of the daemons' checks.
         want = m.sha256.hex()
         for name, res in results.items():
-            got = sha256_file(res["path"])
+            got = file_sha256(res["path"])
             res["sha256_ok"] = got == want
             if got != want:
                 raise ImageDigestMismatch(f"{name}'s copy does not match the manifest")

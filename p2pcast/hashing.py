@@ -8,6 +8,7 @@ from the trusted origin) is checked before an image is used.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import xxhash
 
@@ -26,3 +27,9 @@ def chunk_digest(data: BytesLike) -> bytes:
 def image_hasher() -> hashlib._Hash:
     """A fresh sha256 for a whole image."""
     return hashlib.sha256()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a whole file, read in large blocks (for independent checks)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
