@@ -74,6 +74,7 @@ class Setup:
     work: Path  # scratch for this method (per-node copies, daemon state)
     timeout: float  # seconds for the whole transfer
     piece_length: int = 1 << 20  # aria2: the torrent's piece length
+    verbose: bool = False  # daemons log what they do (for --keep-logs)
 
 
 # ---- CPU ----------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                 "--node", node, "--listen", address, "--port", str(P2PCAST_PORT),
                 "--state-dir", str(state), "--control", _control(setup.work, node),
                 "--origin", setup.origin_url, "--loop", loop,
-            ]  # fmt: skip
+            ] + (["--verbose"] if setup.verbose else [])  # fmt: skip
             with open(state / "daemon.log", "wb") as log:
                 procs[node] = cluster.popen(
                     node, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -209,7 +209,7 @@ class PeerService:
             if not broadcast.swarm.accept_request(
                 self._rank_key(broadcast, link),
                 [self._rank_key(broadcast, other) for other in self.in_links
-                 if other.chunks_pending and other is not link],
+                 if other is not link and other.serving],
             ):  # fmt: skip
                 link.send(link.conn.reject(event.image_id, event.index, BUSY))
                 return
@@ -439,6 +439,13 @@ class Broadcast:
             ):
                 link.send(link.conn.cancel(self.image_id, action.index))
         else:
+            owner = self.swarm.owner(action.index)
+            if owner != self.swarm.rank:
+                log.info(
+                    "reading chunk %d (owner rank %d) from the origin: slow %s, dead %s",
+                    action.index, owner, sorted(self.swarm.slow),
+                    sorted(r for r, p in self.swarm.peers.items() if p.dead),
+                )  # fmt: skip
             self.spawn(self._read_origin(action.index), f"origin {action.index}")
 
     async def _read_origin(self, index: int) -> None:
