@@ -15,6 +15,25 @@ http.server``, and each method gets the same image onto every node:
   node (pieces of --piece-length, each hash-checked by aria2), all nodes seeding
   until the last is done.
 
+``--scenarios`` (comma list, default ``fault-free``) adds robustness runs, each
+on a cluster of its own, after the fault-free one of the same N. The faulty
+node is always the node of rank N//2 (n2 of 2 or 3, n3 of 4 or 5, ...):
+
+- ``straggler``: that node's link runs at a quarter of --rate, both ways;
+- ``kill``: that node gets SIGKILL (every process in its namespace) when it holds
+  half of the image, as seen by polling every 50 ms: p2pcast, its daemon's
+  ``status`` (chunks held / chunks); http and chain, the size of its copy (curl
+  and tee write in order); aria2, its aria2c's completedLength over JSON-RPC. The
+  killed node is not verified; the survivors must all end with a verified copy,
+  else the method is reported as failed for that scenario with how many did (a
+  chain breaks at the dead hop: that is a result, not an error).
+
+For these the other nodes' first/median/last times are reported apart from the
+faulty node's own (the straggler's time, or when the kill came), and the others'
+last time over the fault-free run's last time for the same method and N (issue
+3 asks for <= 1.3); left out when fault-free was not run. ``--plot`` then also
+writes OUT_faults.png.
+
 Every copy is checked against the image's sha256 by this process, after the
 timed window. Reported per method and N: time to the first, median and last
 node and each over the floor S/B (S the image size, B the link rate in bytes/s),
@@ -60,6 +79,13 @@ HTTP_PORT = 8080
 IMAGE_REF = ImageRef("bench", "latest")
 DEFAULT_NAME = "cbench"
 DEFAULT_SUBNET = "198.18.9.0/24"
+SCENARIOS = ("fault-free", "straggler", "kill")
+#: The straggler's link: a quarter of everyone else's.
+STRAGGLER_DIVISOR = 4
+#: The kill comes when the victim holds this fraction of the image.
+KILL_AT = 0.5
+#: Issue 3: the other nodes finish within this factor of their fault-free time.
+FAULT_TARGET = 1.3
 MACHINE_NOTE = (
     "All namespaces share this machine's CPUs: N daemons/relays, the origin's HTTP "
     "server and the kernel's veth/bridge/htb work compete for the same cores, so "
@@ -131,29 +157,100 @@ def _verify(paths: dict[str, str], want: str) -> dict[str, bool]:
     return {node: digest == want for node, digest in got.items()}
 
 
+def faulty_node(n: int) -> str:
+    """The faulty node of an N-node cluster: rank N//2 (ranks from 0), a middle one,
+    so that it has neighbours on both sides in a chain and a ring."""
+    return f"n{n // 2 + 1}"
+
+
+def _by_rank(nodes: Any) -> list[str]:
+    return sorted(nodes, key=lambda s: int(s[1:]))
+
+
+def split_faulty(
+    n: int, seconds: dict[str, float], ok: dict[str, bool], scenario: str, faulty: str
+) -> dict[str, Any]:
+    """The fault fields of a record: the other nodes' first/median/last over those
+    with a verified copy, how many of them there are, and the faulty node's own time
+    (a straggler's, if verified; a killed node has none)."""
+    others = [f"n{i}" for i in range(1, n + 1) if f"n{i}" != faulty]
+    done = sorted(seconds[node] for node in others if ok.get(node) and node in seconds)
+    complete = len(done) == len(others)
+    own = seconds.get(faulty) if scenario == "straggler" and ok.get(faulty) else None
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 3)
+
+    return {
+        "others_total": len(others),
+        "others_completed": len(done),
+        "others_first_seconds": r(done[0]) if done else None,
+        "others_median_seconds": r(statistics.median(done)) if done else None,
+        "others_last_seconds": r(done[-1]) if complete and done else None,
+        "faulty_seconds": r(own),
+        "ok": complete and (scenario != "straggler" or own is not None),
+    }
+
+
+def fault_free_last(records: list[dict[str, Any]], method: str, n: int) -> float | None:
+    """The fault-free last-node time of METHOD at N among RECORDS (the median over
+    repeats that succeeded), or None if there is none to compare with."""
+    lasts = [
+        r["last_seconds"]
+        for r in records
+        if r.get("scenario", "fault-free") == "fault-free"
+        and r["method"] == method
+        and r["nodes"] == n
+        and r.get("ok")
+        and "error" not in r
+    ]
+    return round(statistics.median(lasts), 3) if lasts else None
+
+
 def summarize(
     method: str, n: int, repeat: int, run: cm.MethodRun, ok: dict[str, bool], image: dict[str, Any],
-    floor: float, wire: int,
+    floor: float, wire: int, fault: cm.Fault | None = None, fault_free: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    times = sorted(run.seconds.values())
+    """One result record. Fault-free: times over every node, as before faults existed.
+    With a FAULT, the general times are over the nodes with a verified copy (a killed
+    node has none) and the others/faulty fields are added; FAULT_FREE is the fault-free
+    last time of the same method and N, for the others' ratio."""
+    timed = run.seconds if fault is None else {k: v for k, v in run.seconds.items() if ok.get(k)}
+    times = sorted(timed.values())
+    # Only a kill can leave no node done without raising: then the times are None.
+    first, median, last = (times[0], statistics.median(times), times[-1]) if times else (None,) * 3
+
+    def r(value: float | None, scale: float = 1.0) -> float | None:
+        return None if value is None else round(value / scale, 3)
+
     size = image["size"]
     nodes = {
         node: {"seconds": round(run.seconds[node], 4), "sha256_ok": ok[node]}
         | run.extra.get("nodes", {}).get(node, {})
-        for node in sorted(run.seconds, key=lambda s: int(s[1:]))
+        for node in _by_rank(run.seconds)
     }
+    if fault is not None:  # every node listed, the faulty one marked
+        incomplete = run.extra.get("incomplete", {})
+        for node in {f"n{i}" for i in range(1, n + 1)} - set(nodes):
+            nodes[node] = {"seconds": None, "sha256_ok": False}
+            if node != fault.node and node in incomplete:
+                nodes[node]["incomplete"] = incomplete[node]
+        nodes[fault.node]["killed" if fault.scenario == "kill" else "straggler"] = True
+        nodes = {node: nodes[node] for node in _by_rank(nodes)}
     record: dict[str, Any] = {
         "method": method,
         "nodes": n,
         "repeat": repeat,
+        "scenario": "fault-free" if fault is None else fault.scenario,
+        "faulty_node": None if fault is None else fault.node,
         "ok": all(ok.values()),
         "verified": sum(ok.values()),
-        "first_seconds": round(times[0], 3),
-        "median_seconds": round(statistics.median(times), 3),
-        "last_seconds": round(times[-1], 3),
-        "first_ratio": round(times[0] / floor, 3),
-        "median_ratio": round(statistics.median(times) / floor, 3),
-        "last_ratio": round(times[-1] / floor, 3),
+        "first_seconds": r(first),
+        "median_seconds": r(median),
+        "last_seconds": r(last),
+        "first_ratio": r(first, floor),
+        "median_ratio": r(median, floor),
+        "last_ratio": r(last, floor),
         "wall_seconds": round(run.wall_seconds, 3),
         "origin_bytes": run.origin_bytes,
         "origin_ratio": None if run.origin_bytes is None else round(run.origin_bytes / size, 3),
@@ -165,21 +262,62 @@ def summarize(
     if "stored_bytes" in run.extra:  # p2pcast ships stored (zstd where it pays) bytes
         record["stored_bytes"] = run.extra["stored_bytes"]
         stored_floor = floor * run.extra["stored_bytes"] / size
-        record["last_ratio_stored"] = round(times[-1] / stored_floor, 3)
+        record["last_ratio_stored"] = r(last, stored_floor)
     if "piece_length" in run.extra:  # aria2
         record["piece_length"] = run.extra["piece_length"]
+    if fault is not None:
+        record |= fault_fields(n, run, ok, fault, fault_free)
     return record
 
 
+def fault_fields(
+    n: int, run: cm.MethodRun, ok: dict[str, bool], fault: cm.Fault, fault_free: float | None
+) -> dict[str, Any]:
+    """What a fault record adds: the others vs the faulty node, the ratio to the
+    fault-free run, what the kill did, and why it failed if it did."""
+    fields = split_faulty(n, run.seconds, ok, fault.scenario, fault.node)
+    if fault.scenario == "straggler":
+        fields["faulty_rate_divisor"] = STRAGGLER_DIVISOR
+    if fault.scenario == "kill":
+        fields |= {"kill_at": fault.at, **run.extra.get("kill", {})}
+    if fault_free is not None:
+        last = fields["others_last_seconds"]
+        fields["fault_free_last_seconds"] = fault_free
+        fields["others_last_vs_fault_free"] = None if last is None else round(last / fault_free, 3)
+    if not fields["ok"]:
+        who = "survivors" if fault.scenario == "kill" else "other nodes"
+        fields["failure"] = (
+            f"{fields['others_completed']} of {fields['others_total']} {who} completed "
+            "with a verified copy"
+        )
+        if fault.scenario == "straggler" and fields["faulty_seconds"] is None:
+            fields["failure"] += f"; the straggler {fault.node} did not"
+    return fields
+
+
 def run_n(
-    args: argparse.Namespace, n: int, image: dict[str, Any], work: Path
+    args: argparse.Namespace,
+    n: int,
+    image: dict[str, Any],
+    work: Path,
+    scenario: str = "fault-free",
+    earlier: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
+    """Every method (and repeat) at N in SCENARIO, on a cluster of its own; EARLIER
+    records of this invocation give the fault-free times the faults compare with."""
     records: list[dict[str, Any]] = []
     floor = image["size"] / (parse_rate(args.rate) / 8)
     say = print if not args.quiet else (lambda *a, **k: None)
-    with Cluster.up(n, args.rate, args.origin_rate, name=args.name, subnet=args.subnet) as cluster:
+    fault = None if scenario == "fault-free" else cm.Fault(scenario, faulty_node(n), KILL_AT)
+    rates: dict[str, int | str] = {}
+    if fault is not None and scenario == "straggler":
+        rates[fault.node] = parse_rate(args.rate) // STRAGGLER_DIVISOR
+    tag = "" if fault is None else f"-{scenario}"
+    with Cluster.up(
+        n, args.rate, args.origin_rate, name=args.name, subnet=args.subnet, rates=rates
+    ) as cluster:
         origin_ip = cluster.origin_address
-        with open(work / f"http-server-{n}.log", "wb") as log:
+        with open(work / f"http-server-{n}{tag}.log", "wb") as log:
             server = cluster.popen(
                 "origin",
                 [sys.executable, "-m", "http.server", "--bind", origin_ip, str(HTTP_PORT),
@@ -190,7 +328,7 @@ def run_n(
             _wait_port(origin_ip, HTTP_PORT)
             for repeat in range(args.repeat):
                 for method in args.methods:
-                    mwork = work / "runs" / f"{method}-n{n}-r{repeat}"
+                    mwork = work / "runs" / f"{method}-n{n}{tag}-r{repeat}"
                     mwork.mkdir(parents=True)
                     setup = cm.Setup(
                         cluster=cluster,
@@ -203,17 +341,26 @@ def run_n(
                         timeout=args.timeout,
                         piece_length=parse_size(args.piece_length),
                         verbose=args.keep_logs is not None,
+                        fault=fault,
                     )
                     time.sleep(args.settle)
                     wire0 = cm.origin_tx_bytes(cluster)
                     try:
                         run = cm.METHODS[method](setup, cm.CpuMeter(cluster))
                         wire = cm.origin_tx_bytes(cluster) - wire0
+                        if setup.victim is not None:  # the killed node is not verified
+                            run.seconds.pop(setup.victim, None)
+                            run.paths.pop(setup.victim, None)
                         ok = _verify(run.paths, image["sha256"])
-                        rec = summarize(method, n, repeat, run, ok, image, floor, wire)
+                        baseline = fault_free_last((earlier or []) + records, method, n)
+                        rec = summarize(
+                            method, n, repeat, run, ok, image, floor, wire, fault, baseline
+                        )
                     except Exception as exc:  # one failed method does not end the run
-                        rec = {"method": method, "nodes": n, "repeat": repeat, "ok": False,
-                               "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+                        rec = {"method": method, "nodes": n, "repeat": repeat,
+                               "scenario": scenario,
+                               "faulty_node": None if fault is None else fault.node,
+                               "ok": False, "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
                     finally:
                         if args.keep_logs is not None:
                             _keep_logs(mwork, Path(args.keep_logs) / mwork.name)
@@ -241,9 +388,24 @@ HEADER = (
 )
 
 
+FAULT_HEADER = (
+    f"{'method':8s} {'N':>3s} {'scenario':9s} {'faulty':>6s} {'first':>7s} {'median':>7s} "
+    f"{'last':>7s} {'vs ff':>6s} {'own/kill':>8s} {'busy%':>6s}  others verified\n"
+    "  (first/median/last: the other nodes; vs ff: their last over the fault-free last;\n"
+    "   own/kill: the straggler's own time, or when the kill came)"
+)
+
+
+def header(scenario: str) -> str:
+    return HEADER if scenario == "fault-free" else FAULT_HEADER
+
+
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
-        return f"{r['method']:8s} {r['nodes']:3d}  FAILED: {r['error']}"
+        scenario = "" if r.get("scenario", "fault-free") == "fault-free" else f" {r['scenario']}"
+        return f"{r['method']:8s} {r['nodes']:3d}{scenario}  FAILED: {r['error']}"
+    if r.get("scenario", "fault-free") != "fault-free":
+        return _fault_row(r)
     origin = "?" if r["origin_ratio"] is None else f"{r['origin_ratio']:.2f}x"
     return (
         f"{r['method']:8s} {r['nodes']:3d} {r['first_seconds']:7.2f} {r['median_seconds']:7.2f} "
@@ -253,19 +415,44 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
+def _fault_row(r: dict[str, Any]) -> str:
+    def f(value: float | None, width: int = 7, suffix: str = "") -> str:
+        return f"{'-':>{width}s}" if value is None else f"{value:{width - len(suffix)}.2f}{suffix}"
+
+    own = r["faulty_seconds"] if r["scenario"] == "straggler" else r.get("killed_at_seconds")
+    ratio = r.get("others_last_vs_fault_free")
+    verdict = "ok" if r["ok"] else f"FAILED ({r['failure']})"
+    return (
+        f"{r['method']:8s} {r['nodes']:3d} {r['scenario']:9s} {r['faulty_node']:>6s} "
+        f"{f(r['others_first_seconds'])} {f(r['others_median_seconds'])} "
+        f"{f(r['others_last_seconds'])} {f(ratio, 6, 'x')} {f(own, 8)} "
+        f"{r['machine_busy_pct']:6.1f}  {r['others_completed']}/{r['others_total']} {verdict}"
+    )
+
+
+def _scenario(r: dict[str, Any]) -> str:
+    """A record's scenario: results from before --scenarios existed are fault-free."""
+    return str(r.get("scenario", "fault-free"))
+
+
 def plot(result: dict[str, Any], out: Path) -> list[Path]:
-    """time vs N (last node, band first..last, the floor) and last/floor vs N, per method."""
+    """time vs N (last node, band first..last, the floor) and last/floor vs N, per method,
+    from the fault-free runs; OUT_faults.png too if there are others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in result["runs"] if "error" not in r]
+    written = []
+    if any(_scenario(r) != "fault-free" for r in result["runs"]):
+        written.append(plot_faults(result, out))
+    runs = [r for r in result["runs"] if "error" not in r and _scenario(r) == "fault-free"]
+    if not runs:
+        return written
     methods = list(dict.fromkeys(r["method"] for r in runs))
     floor = result["floor_seconds"]
     p = result["params"]
     title = f"{p['size_human']} image, links {p['rate']} (floor S/B = {floor:.2f} s)"
-    written = []
     for kind in ("time", "ratio"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method in methods:
@@ -299,6 +486,74 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def plot_faults(result: dict[str, Any], out: Path) -> Path:
+    """OUT_faults.png: per method, the other nodes' last time over the fault-free last
+    time, one group of bars per (scenario, N), with the 1.3 x target. A method that
+    failed a scenario gets a hatched bar to the top saying how many others finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if _scenario(r) != "fault-free"]
+    groups = sorted({(SCENARIOS.index(_scenario(r)), r["nodes"]) for r in runs})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    ratios = [r["others_last_vs_fault_free"] for r in runs if r.get("others_last_vs_fault_free")]
+    top = max([FAULT_TARGET * 1.2, *(v * 1.1 for v in ratios)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) / 2), 4.5))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        color = f"C{i}"
+        for j, (s_index, n) in enumerate(groups):
+            mine = [
+                r for r in runs
+                if r["method"] == method and r["nodes"] == n and _scenario(r) == SCENARIOS[s_index]
+            ]  # fmt: skip
+            if not mine:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            good = [r["others_last_vs_fault_free"] for r in mine if r.get("ok")]
+            if len(good) == len(mine) and all(v is not None for v in good):
+                value = statistics.median(good)
+                ax.bar(x, value, width, color=color, label=method if j == 0 else None)
+                ax.text(x, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+                continue
+            if any("error" in r for r in mine):
+                note = "error"
+            elif not all(r.get("ok") for r in mine):
+                bad = next(r for r in mine if not r.get("ok"))
+                note = f"failed\n{bad['others_completed']}/{bad['others_total']}"
+            else:
+                note = "no\nfault-free"
+            ax.bar(x, top * 0.9, width, color=color, alpha=0.25, hatch="//",
+                   label=method if j == 0 else None)  # fmt: skip
+            ax.text(x, top * 0.45, note, ha="center", va="center", fontsize=7)
+    ax.axhline(FAULT_TARGET, color="red", linestyle="--", label=f"target {FAULT_TARGET} x")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), [f"{SCENARIOS[s]}\nN={n}" for s, n in groups])
+    ax.set_ylim(0, top)
+    ax.set_ylabel("others' last time / fault-free last time")
+    p = result["params"]
+    ax.set_title(
+        f"{p['size_human']} image, links {p['rate']}; the faulty node: rank N//2\n"
+        f"(straggler: 1/{STRAGGLER_DIVISOR} of the rate; kill: at {KILL_AT:.0%} of its progress)",
+        fontsize=9,
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out.with_name(f"{out.stem}_faults.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def healthy(r: dict[str, Any]) -> bool:
+    """Whether a record is a measurement, not a breakage: ok, or a kill that the
+    method did not survive (a result; the chain is expected to give one)."""
+    return bool(r.get("ok")) or ("error" not in r and _scenario(r) == "kill")
+
+
 # ---- main ---------------------------------------------------------------------------
 
 
@@ -317,9 +572,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk-size", default="4M")
     ap.add_argument("--piece-length", default="1M", help="aria2: the torrent's piece length")
     ap.add_argument("--methods", default="p2pcast,http,chain")
+    ap.add_argument(
+        "--scenarios", default="fault-free",
+        help="comma list of fault-free, straggler (node of rank N//2 at a quarter of --rate), "
+        "kill (that node SIGKILLed at 50%% of its progress); default %(default)s",
+    )  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="bench/results/cluster.json")
-    ap.add_argument("--plot", action="store_true", help="also write OUT_time.png, OUT_ratio.png")
+    ap.add_argument(
+        "--plot", action="store_true",
+        help="also write OUT_time.png, OUT_ratio.png (and OUT_faults.png with faults)",
+    )  # fmt: skip
     ap.add_argument("--replot", action="store_true", help="only plot an existing --out file")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per transfer")
     ap.add_argument("--settle", type=float, default=1.0, help="idle seconds before each run")
@@ -393,6 +656,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster_bench: unknown methods {bad} (have {sorted(cm.METHODS)})", file=sys.stderr)
         return 2
     counts = [int(x) for x in args.nodes.split(",")]
+    scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    bad = [x for x in scenarios if x not in SCENARIOS]
+    if bad or not scenarios:
+        print(
+            f"cluster_bench: bad --scenarios {bad} (have {', '.join(SCENARIOS)})", file=sys.stderr
+        )
+        return 2
+    # fault-free first, so that the faults have a time of the same invocation to compare with
+    scenarios = [x for x in SCENARIOS if x in scenarios]
+    if scenarios != ["fault-free"] and min(counts) < 2:
+        print("cluster_bench: faults need N >= 2 (the others must exist)", file=sys.stderr)
+        return 2
     size = parse_size(args.size)
     rate = parse_rate(args.rate)
     if os.geteuid() != 0:
@@ -411,12 +686,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(
                 f"image {image['size']} B ({image['stored']} stored, {image['chunks']} chunks), "
-                f"links {format_rate(rate)}, floor S/B = {floor:.2f} s\n{HEADER}",
+                f"links {format_rate(rate)}, floor S/B = {floor:.2f} s",
                 flush=True,
             )
         runs: list[dict[str, Any]] = []
+        shown = None
         for n in counts:
-            runs += run_n(args, n, image, work)
+            for scenario in scenarios:
+                if not args.quiet and header(scenario) != shown:
+                    shown = header(scenario)
+                    print(shown, flush=True)
+                runs += run_n(args, n, image, work, scenario, runs)
     finally:
         if args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -434,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": size,
             "size_human": args.size,
             "methods": args.methods,
+            "scenarios": scenarios,
             "repeat": args.repeat,
             "image_kind": args.image_kind,
             "chunk_size": image["chunk_size"],
@@ -457,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         for path in plot(result, out):
             print(f"wrote {path}")
-    return 0 if all(r.get("ok") for r in runs) else 1
+    return 0 if all(healthy(r) for r in runs) else 1
 
 
 def _meminfo_total() -> int | None:

@@ -12,6 +12,15 @@ measured around the timed window by ``CpuMeter``.
 - ``aria2``: BitTorrent, opentracker and a seeding aria2c in the origin, aria2c per node.
 
 Every process a method starts is stopped and reaped by PID before it returns.
+
+Faults (``Setup.fault``): a straggler needs nothing here (its link is shaped
+when the cluster is built); a kill is done by ``Killer``, a thread that polls
+the victim's progress (p2pcast: chunks held, from its daemon's status; http
+and chain: the size of its copy; aria2: its aria2c's completedLength over RPC)
+and SIGKILLs every process in the victim's namespace when it reaches
+``Fault.at``. With a kill, a method does not raise when nodes fail: it returns
+the nodes that completed, and says in ``extra["incomplete"]`` why the others
+did not, so that a chain broken by the kill is a result rather than an error.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,9 @@ from typing import Any
 from p2pcast import control
 from p2pcast.errors import DaemonUnavailable
 from tools.cluster import Cluster, netns_pids
+
+#: How often the kill watcher looks at the victim's progress (s).
+KILL_POLL = 0.05
 
 #: Ports inside the namespaces (each namespace has its own port space).
 P2PCAST_PORT = 7086
@@ -62,6 +75,16 @@ class MethodRun:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fault:
+    """One faulty node: a straggler (slow link, set when the cluster is built) or a
+    node killed with SIGKILL once it holds AT of the image."""
+
+    scenario: str  # "straggler" or "kill"
+    node: str  # e.g. "n3"
+    at: float = 0.5  # kill: the fraction of its progress at which it dies
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """What every method needs: the cluster, the origin's URL, the image and scratch space."""
 
@@ -75,6 +98,12 @@ class Setup:
     timeout: float  # seconds for the whole transfer
     piece_length: int = 1 << 20  # aria2: the torrent's piece length
     verbose: bool = False  # daemons log what they do (for --keep-logs)
+    fault: Fault | None = None
+
+    @property
+    def victim(self) -> str | None:
+        """The node to kill, if this run kills one."""
+        return self.fault.node if self.fault and self.fault.scenario == "kill" else None
 
 
 # ---- CPU ----------------------------------------------------------------------------
@@ -179,10 +208,15 @@ def _stop(procs: list[subprocess.Popen[Any]]) -> None:
 
 
 def _wait_all(
-    procs: dict[str, subprocess.Popen[Any]], t0: float, timeout: float
+    procs: dict[str, subprocess.Popen[Any]],
+    t0: float,
+    timeout: float,
+    incomplete: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Wait for every process (one thread each, so each exit is timed as it happens);
-    return node -> seconds from T0 (time.monotonic) to its exit. Raise on a failure."""
+    return node -> seconds from T0 (time.monotonic) to its exit. Raise on a failure,
+    unless INCOMPLETE is given (a kill): then the late and failed go there instead,
+    and only the processes that exited with status 0 are returned."""
     ends: dict[str, float] = {}
 
     def wait(node: str, proc: subprocess.Popen[Any]) -> None:
@@ -198,11 +232,93 @@ def _wait_all(
     late = sorted(set(procs) - set(ends))
     if late:
         _stop(list(procs.values()))
-        raise TimeoutError(f"not done after {timeout:.0f} s: {', '.join(late)}")
-    failed = {node: p.returncode for node, p in procs.items() if p.returncode != 0}
-    if failed:
+        if incomplete is None:
+            raise TimeoutError(f"not done after {timeout:.0f} s: {', '.join(late)}")
+        incomplete |= {node: f"not done after {timeout:.0f} s" for node in late}
+    failed = {node: p.returncode for node, p in procs.items() if p.returncode not in (0, None)}
+    if failed and incomplete is None:
         raise RuntimeError(f"exit status != 0: {failed}")
-    return ends
+    if incomplete is not None:
+        incomplete |= {node: f"exit status {rc}" for node, rc in failed.items()}
+    return {node: t for node, t in ends.items() if node not in failed}
+
+
+class Killer:
+    """Kills one node at a fraction of its progress: a thread polls PROGRESS (the
+    fraction of the image the node holds, or None while unknown) every KILL_POLL s
+    and, once it reaches AT, sends SIGKILL to every process in the node's namespace
+    (a p2pcast daemon, a curl, an aria2c, or a chain hop's sh, nc, tee and nc: what
+    a crash of that machine would take down). Polling, not a byte-exact trigger:
+    the kill lands within one poll (and one status round trip) of the mark, and the
+    fraction actually seen is recorded."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        node: str,
+        progress: Callable[[], float | None],
+        at: float,
+        t0: float,
+    ) -> None:
+        self.cluster, self.node, self.progress, self.at, self.t0 = cluster, node, progress, at, t0
+        self.killed_at: float | None = None  # seconds from T0
+        self.killed_progress: float | None = None
+        self.killed_pids: list[int] = []
+        self.last_error: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"kill {node}", daemon=True)
+
+    def start(self) -> Killer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            try:
+                fraction = self.progress()
+            except Exception as exc:  # not up yet, or gone: look again
+                self.last_error, fraction = f"{type(exc).__name__}: {exc}", None
+            if fraction is not None and fraction >= self.at:
+                self.killed_at = time.monotonic() - self.t0
+                self.killed_progress = round(fraction, 4)
+                self.killed_pids = kill_node(self.cluster, self.node)
+                return
+            self._done.wait(KILL_POLL)
+
+    def record(self) -> dict[str, Any]:
+        """What the kill did, for the result record."""
+        return {
+            "killed_at_seconds": None if self.killed_at is None else round(self.killed_at, 3),
+            "killed_progress": self.killed_progress,
+            "killed_pids": self.killed_pids,
+            **({"kill_error": self.last_error} if self.killed_at is None else {}),
+        }
+
+
+def kill_node(cluster: Cluster, node: str) -> list[int]:
+    """SIGKILL every process in NODE's network namespace (by PID); return the PIDs."""
+    pids = netns_pids(cluster.namespace(node))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _file_progress(path: str, size: int) -> Callable[[], float | None]:
+    """The fraction of SIZE written to PATH (http's curl and the chain's tee write in
+    order, so the file's size is what the node has received)."""
+
+    def progress() -> float | None:
+        try:
+            return os.path.getsize(path) / size
+        except FileNotFoundError:
+            return None
+
+    return progress
 
 
 # ---- p2pcast ------------------------------------------------------------------------
@@ -228,30 +344,59 @@ async def _ready(setup: Setup, procs: dict[str, subprocess.Popen[bytes]]) -> Non
                 await asyncio.sleep(0.05)
 
 
-async def _broadcast(setup: Setup) -> tuple[float, dict[str, dict[str, Any]], dict[str, float]]:
-    """Fetch on every node at once; (t0, node -> RESULT body, node -> seconds seen here)."""
+def _p2pcast_progress(sock: str) -> Callable[[], float | None]:
+    """Chunks held / chunks in the image, from the daemon's `status` (its own loop in
+    the kill watcher's thread; one short UNIX-socket round trip per poll)."""
+
+    def progress() -> float | None:
+        body = asyncio.run(control.request(sock, "status"))
+        for b in body.get("broadcasts", []):
+            if b.get("chunks_total"):
+                return int(b["chunks_done"]) / int(b["chunks_total"])
+        return None  # the fetch has not reached the daemon yet
+
+    return progress
+
+
+async def _broadcast(
+    setup: Setup, incomplete: dict[str, str] | None = None
+) -> tuple[float, dict[str, dict[str, Any]], dict[str, float]]:
+    """Fetch on every node at once; (t0, node -> RESULT body, node -> seconds seen here).
+    With INCOMPLETE (a kill), a node's failure or lateness is put there, not raised,
+    and only the nodes that got their RESULT are returned."""
     nodes = setup.cluster.nodes
     hostlist = f"n[1-{len(nodes)}]" if len(nodes) > 1 else nodes[0]
     seen: dict[str, float] = {}
+    bodies: dict[str, dict[str, Any]] = {}
 
-    async def one(node: str, t0: float) -> dict[str, Any]:
-        body = await control.request(
-            _control(setup.work, node),
-            "fetch",
-            image=setup.image_ref,
-            peers=hostlist,
-            node=node,
-            addresses=setup.cluster.addresses,
-            job="cluster-bench",
-        )
+    async def one(node: str, t0: float) -> None:
+        try:
+            body = await control.request(
+                _control(setup.work, node),
+                "fetch",
+                image=setup.image_ref,
+                peers=hostlist,
+                node=node,
+                addresses=setup.cluster.addresses,
+                job="cluster-bench",
+            )
+        except Exception as exc:  # the killed daemon drops its connection (no RESULT)
+            if incomplete is None:
+                raise
+            incomplete[node] = f"{type(exc).__name__}: {exc}"
+            return
         seen[node] = time.monotonic() - t0
-        return body
+        bodies[node] = body
 
     t0 = time.monotonic()
-    bodies = await asyncio.wait_for(
-        asyncio.gather(*(one(node, t0) for node in nodes)), setup.timeout
-    )
-    return t0, dict(zip(nodes, bodies, strict=True)), seen
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(node, t0) for node in nodes)), setup.timeout)
+    except TimeoutError:
+        if incomplete is None:
+            raise
+        late = [n for n in nodes if n not in bodies and n not in incomplete]
+        incomplete |= {node: f"not done after {setup.timeout:.0f} s" for node in late}
+    return t0, bodies, seen
 
 
 def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRun:
@@ -273,8 +418,21 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                     node, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 )
         asyncio.run(_ready(setup, procs))
+        incomplete: dict[str, str] | None = None
+        killer: Killer | None = None
+        if setup.victim is not None and setup.fault is not None:
+            incomplete = {}
+            progress = _p2pcast_progress(_control(setup.work, setup.victim))
+            # t0 of the watcher only dates the kill; the broadcast's t0 is a hair later
+            killer = Killer(cluster, setup.victim, progress, setup.fault.at, time.monotonic())
         meter.start()
-        t0, bodies, seen = asyncio.run(_broadcast(setup))
+        if killer is not None:
+            killer.start()
+        try:
+            t0, bodies, seen = asyncio.run(_broadcast(setup, incomplete))
+        finally:
+            if killer is not None:
+                killer.stop()
         wall = time.monotonic() - t0
         cpu = meter.stop()
     finally:
@@ -295,13 +453,19 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
         }
         for node, body in bodies.items()
     }
-    stored = int(next(iter(bodies.values()))["bytes_total"])
+    extra: dict[str, Any] = {"cpu": cpu, "nodes": per_node}
+    if bodies:
+        extra["stored_bytes"] = int(next(iter(bodies.values()))["bytes_total"])
+    if killer is not None and incomplete is not None:
+        # The killed daemon's origin reads are not known (it never answered): the
+        # origin bytes are the survivors' only.
+        extra |= {"incomplete": incomplete, "kill": killer.record()}
     return MethodRun(
         seconds=seen,
         paths={node: str(body["path"]) for node, body in bodies.items()},
         wall_seconds=wall,
         origin_bytes=sum(int(b["origin_bytes_read"]) for b in bodies.values()),
-        extra={"cpu": cpu, "nodes": per_node, "stored_bytes": stored},
+        extra=extra,
     )
 
 
@@ -314,23 +478,36 @@ def run_http(setup: Setup, meter: CpuMeter) -> MethodRun:
     url = f"{setup.origin_url}/{RAW_NAME}"
     paths = {node: str(setup.work / f"{node}.tar") for node in cluster.nodes}
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    victim = setup.victim
+    incomplete: dict[str, str] | None = None if victim is None else {}
+    killer: Killer | None = None
     try:
         meter.start()
         t0 = time.monotonic()
         for node in cluster.nodes:
             argv = ["curl", "--silent", "--show-error", "--fail", "--output", paths[node], url]
             procs[node] = cluster.popen(node, argv, stdin=subprocess.DEVNULL)
-        seconds = _wait_all(procs, t0, setup.timeout)
+        if victim is not None and setup.fault is not None:
+            progress = _file_progress(paths[victim], setup.size)
+            killer = Killer(cluster, victim, progress, setup.fault.at, t0).start()
+        try:
+            seconds = _wait_all(procs, t0, setup.timeout, incomplete)
+        finally:
+            if killer is not None:
+                killer.stop()
         wall = time.monotonic() - t0
         cpu = meter.stop()
     finally:
         _stop(list(procs.values()))
+    extra: dict[str, Any] = {"cpu": cpu}
+    if killer is not None and incomplete is not None:
+        extra |= {"incomplete": incomplete, "kill": killer.record()}
     return MethodRun(
         seconds=seconds,
-        paths=paths,
+        paths={node: paths[node] for node in seconds},
         wall_seconds=wall,
         origin_bytes=setup.size * len(cluster.nodes),
-        extra={"cpu": cpu},
+        extra=extra,
     )
 
 
@@ -355,6 +532,9 @@ def run_chain(setup: Setup, meter: CpuMeter) -> MethodRun:
     paths = {node: str(setup.work / f"{node}.tar") for node in nodes}
     stamps = {node: str(setup.work / f"{node}.done") for node in nodes}
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    victim = setup.victim
+    incomplete: dict[str, str] | None = None if victim is None else {}
+    killer: Killer | None = None
     try:
         for i in range(len(nodes) - 1, -1, -1):
             node = nodes[i]
@@ -378,18 +558,33 @@ def run_chain(setup: Setup, meter: CpuMeter) -> MethodRun:
         t0_wall = time.time()
         send = f"{nc} -N {addr[nodes[0]]} {CHAIN_PORT} < {setup.image}"
         procs["origin"] = cluster.popen("origin", ["sh", "-c", send], stdin=subprocess.DEVNULL)
-        _wait_all(procs, t0, setup.timeout)
+        if victim is not None and setup.fault is not None:
+            progress = _file_progress(paths[victim], setup.size)
+            killer = Killer(cluster, victim, progress, setup.fault.at, t0).start()
+        try:
+            _wait_all(procs, t0, setup.timeout, incomplete)
+        finally:
+            if killer is not None:
+                killer.stop()
         wall = time.monotonic() - t0
         cpu = meter.stop()
     finally:
         _stop(list(procs.values()))
-    seconds = {node: float(Path(stamps[node]).read_text()) - t0_wall for node in nodes}
+    extra: dict[str, Any] = {"cpu": cpu}
+    if killer is not None and incomplete is not None:
+        # A hop whose neighbour died still ends (EOF or a broken pipe) and stamps
+        # its file: whether its copy is whole is for the sha256 check to say.
+        extra |= {"incomplete": incomplete, "kill": killer.record()}
+        ended = [n for n in nodes if n != victim and Path(stamps[n]).exists()]
+    else:
+        ended = nodes
+    seconds = {node: float(Path(stamps[node]).read_text()) - t0_wall for node in ended}
     return MethodRun(
         seconds=seconds,
-        paths=paths,
+        paths={node: paths[node] for node in ended},
         wall_seconds=wall,
         origin_bytes=setup.size,
-        extra={"cpu": cpu},
+        extra=extra,
     )
 
 
@@ -467,6 +662,24 @@ def _seeder_stats(cluster: Cluster) -> dict[str, Any]:
     return dict(result[0])
 
 
+def _aria2_progress(address: str, size: int) -> Callable[[], float | None]:
+    """completedLength / SIZE of the aria2c at ADDRESS, over its JSON-RPC port (reached
+    from the host through the bridge). Pieces arrive out of order and aria2 caches
+    writes, so the size of its file would not say how much it holds."""
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": "k", "method": "aria2.tellActive",
+         "params": [["completedLength"]]}
+    ).encode()  # fmt: skip
+    url = f"http://{address}:{ARIA2_RPC_PORT}/jsonrpc"
+
+    def progress() -> float | None:
+        with urllib.request.urlopen(url, data=body, timeout=1) as reply:
+            result = json.loads(reply.read()).get("result") or []
+        return int(result[0]["completedLength"]) / size if result else None
+
+    return progress
+
+
 def _tracker_complete(cluster: Cluster, info_hash: str) -> int:
     """Seeders the tracker knows for INFO_HASH (a scrape, from the origin's namespace)."""
     quoted = urllib.parse.quote(bytes.fromhex(info_hash))
@@ -499,6 +712,9 @@ def run_aria2(setup: Setup, meter: CpuMeter) -> MethodRun:
     stamps = {node: Path(paths[node] + ".done") for node in nodes}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = []
+    victim = setup.victim
+    incomplete: dict[str, str] | None = None if victim is None else {}
+    killer: Killer | None = None
     # Debian's opentracker is built with a whitelist of info hashes: give it ours. It
     # reads the list after dropping to user nobody (it refuses to run as root), so the
     # list lives in a world-readable directory of its own; `-d /` makes its chroot a no-op.
@@ -544,17 +760,44 @@ def run_aria2(setup: Setup, meter: CpuMeter) -> MethodRun:
         for node in nodes:
             argv = _aria2_argv(aria2c, torrent, work / node, work / f"{node}.log", len(nodes))
             argv[1:1] = [f"--on-bt-download-complete={hook}"]
+            if node == victim:  # only the victim: its progress is read over RPC
+                argv[1:1] = [
+                    "--enable-rpc=true", "--rpc-listen-all=true",
+                    f"--rpc-listen-port={ARIA2_RPC_PORT}",
+                ]  # fmt: skip
             procs[node] = cluster.popen(
                 node, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
             )
+        if victim is not None and setup.fault is not None:
+            progress = _aria2_progress(cluster.addresses[victim], setup.size)
+            killer = Killer(cluster, victim, progress, setup.fault.at, t0).start()
         deadline = t0 + setup.timeout
-        while not all(s.exists() for s in stamps.values()):
-            if dead := {k: p.returncode for k, p in procs.items() if p.poll() is not None}:
-                raise RuntimeError(f"aria2: exited before the last node was done: {dead}")
-            if time.monotonic() > deadline:
-                late = sorted(node for node, s in stamps.items() if not s.exists())
-                raise TimeoutError(f"not done after {setup.timeout:.0f} s: {', '.join(late)}")
-            time.sleep(0.01)
+        # With a kill, the victim is not waited for, and a survivor whose aria2c
+        # exits early (none should) is counted as incomplete rather than raised.
+        waiting = {node: s for node, s in stamps.items() if node != victim}
+        try:
+            while pending := [k for k, s in waiting.items() if not s.exists()]:
+                dead = {k: p.returncode for k, p in procs.items() if p.poll() is not None}
+                dead.pop(victim or "", None)
+                if dead and incomplete is None:
+                    raise RuntimeError(f"aria2: exited before the last node was done: {dead}")
+                late = time.monotonic() > deadline
+                if late and incomplete is None:
+                    raise TimeoutError(
+                        f"not done after {setup.timeout:.0f} s: {', '.join(pending)}"
+                    )
+                if incomplete is not None and (dead or late):
+                    seeding = not ({"origin", "tracker"} & set(dead))
+                    for k in pending:
+                        if late:
+                            incomplete[k] = f"not done after {setup.timeout:.0f} s"
+                        elif k in dead or not seeding:
+                            incomplete[k] = f"aria2c exited: {dead}"
+                    waiting = {k: s for k, s in waiting.items() if k not in incomplete}
+                time.sleep(0.01)
+        finally:
+            if killer is not None:
+                killer.stop()
         wall = time.monotonic() - t0
         cpu = meter.stop()
         seeder = _seeder_stats(cluster)
@@ -571,14 +814,18 @@ def run_aria2(setup: Setup, meter: CpuMeter) -> MethodRun:
         for f in logs:
             f.close()
         shutil.rmtree(listdir, ignore_errors=True)
-    seconds = {node: float(stamps[node].read_text()) - t0_wall for node in nodes}
+    ended = [node for node in nodes if node != victim and stamps[node].exists()]
+    seconds = {node: float(stamps[node].read_text()) - t0_wall for node in ended}
     uploaded = seeder.get("uploadLength")
+    extra: dict[str, Any] = {"cpu": cpu, "piece_length": setup.piece_length}
+    if killer is not None and incomplete is not None:
+        extra |= {"incomplete": incomplete, "kill": killer.record()}
     return MethodRun(
         seconds=seconds,
-        paths=paths,
+        paths={node: paths[node] for node in ended},
         wall_seconds=wall,
         origin_bytes=int(uploaded) if uploaded is not None else None,
-        extra={"cpu": cpu, "piece_length": setup.piece_length},
+        extra=extra,
     )
 
 
