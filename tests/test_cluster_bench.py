@@ -1,26 +1,29 @@
-"""bench/cluster_bench.py end to end, small: N=2, 16 MiB, 200mbit, all four methods.
+"""bench/cluster_bench.py end to end, small: N=2, 16 MiB, 200mbit, all four methods;
+and N=4 with a straggler and a killed node (p2pcast, and the chain it beats).
 
-Builds a real emulated cluster (network namespaces, as root), so it is skipped
-when not root, or when curl / netcat-openbsd / aria2 / opentracker are missing;
-under CI (CI set) a missing root fails, as in test_cluster_tool.py. The cluster
-has a name and subnet of its own, and the test checks that it is gone afterwards
-with nothing left running in it.
+The end-to-end tests build real emulated clusters (network namespaces, as root),
+so they are skipped when not root, or when curl / netcat-openbsd / aria2 /
+opentracker are missing; under CI (CI set) a missing root fails, as in
+test_cluster_tool.py. Each cluster has a name and subnet of its own, and the
+tests check that it is gone afterwards with nothing left running in it. The
+helpers that split a fault run's times are tested without a cluster.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import cluster_bench
+from bench import cluster_methods as cm
 from tools import cluster as cl
-
-pytestmark = pytest.mark.slow
 
 FIELDS = {
     "method", "nodes", "ok", "verified", "first_seconds", "median_seconds", "last_seconds",
@@ -29,27 +32,35 @@ FIELDS = {
 }  # fmt: skip
 
 
-def _missing() -> str | None:
+ALL_TOOLS = (
+    ("curl", "curl"), ("nc", "netcat-openbsd"), ("ss", "iproute2"), ("aria2c", "aria2"),
+    ("opentracker", "opentracker"),
+)  # fmt: skip
+
+
+def _missing(tools: tuple[tuple[str, str], ...] = ALL_TOOLS) -> str | None:
     if os.geteuid() != 0:
         return "needs root"
     if not (shutil.which("ip") or Path("/usr/sbin/ip").exists()):
         return "needs iproute2"
-    for tool, package in (
-        ("curl", "curl"), ("nc", "netcat-openbsd"), ("ss", "iproute2"), ("aria2c", "aria2"),
-        ("opentracker", "opentracker"),
-    ):  # fmt: skip
+    for tool, package in tools:
         if shutil.which(tool) is None:
             return f"needs {tool} ({package})"
     return None
 
 
-@pytest.mark.timeout(120)
-def test_cluster_bench_small(tmp_path: Path) -> None:
-    reason = _missing()
+def _require(tools: tuple[tuple[str, str], ...] = ALL_TOOLS) -> None:
+    reason = _missing(tools)
     if reason:
         if os.environ.get("CI") and reason == "needs root":
             pytest.fail(f"CI must run the cluster tests: {reason}")
         pytest.skip(reason)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_cluster_bench_small(tmp_path: Path) -> None:
+    _require()
     name = f"cb{os.getpid() % 100000}"
     out = tmp_path / "cluster.json"
     argv = [
@@ -100,3 +111,218 @@ def _namespaces() -> list[str]:
         return [e.name for e in cl.NETNS_DIR.iterdir()]
     except OSError:
         return []
+
+
+# ---- faults: a real run -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)  # ~25 s here; the budget is 60 s
+def test_cluster_bench_faults(tmp_path: Path) -> None:
+    """N=4: fault-free, then n3 (rank N//2) at a quarter of the rate, then n3 killed at
+    half its progress. p2pcast's other nodes all end verified; the chain's cannot
+    once a hop dies, and that is reported as a result (exit status 0), not an error."""
+    _require((("nc", "netcat-openbsd"), ("ss", "iproute2")))
+    name = f"cf{os.getpid() % 100000}"
+    out = tmp_path / "faults.json"
+    argv = [
+        "--nodes", "4", "--rate", "200mbit", "--size", "16M", "--chunk-size", "1M",
+        "--methods", "p2pcast,chain", "--scenarios", "kill,straggler,fault-free",
+        "--out", str(out), "--name", name, "--subnet", "198.19.253.0/24",
+        "--settle", "0.1", "--timeout", "30", "--workdir", str(tmp_path / "work"), "--quiet",
+        "--plot",
+    ]  # fmt: skip
+    try:
+        rc = cluster_bench.main(argv)
+    finally:
+        assert cl.main(["down", "--name", name]) == 0
+    result = json.loads(out.read_text())
+    assert rc == 0, result["runs"]
+    # fault-free runs first, whatever the order asked
+    assert result["params"]["scenarios"] == ["fault-free", "straggler", "kill"]
+    assert [r["scenario"] for r in result["runs"]] == [
+        "fault-free", "fault-free", "straggler", "straggler", "kill", "kill",
+    ]  # fmt: skip
+    runs = {(r["method"], r["scenario"]): r for r in result["runs"]}
+    free = runs["p2pcast", "fault-free"]
+    assert free["ok"] and free["faulty_node"] is None and "others_total" not in free
+
+    slow = runs["p2pcast", "straggler"]
+    assert slow["ok"], slow
+    assert slow["faulty_node"] == "n3" and slow["per_node"]["n3"]["straggler"]
+    assert slow["others_total"] == slow["others_completed"] == 3
+    assert all(n["sha256_ok"] for n in slow["per_node"].values())
+    assert slow["others_first_seconds"] <= slow["others_median_seconds"]
+    assert slow["others_median_seconds"] <= slow["others_last_seconds"]
+    # the straggler's link really is a quarter: 50mbit carries its stored bytes no faster
+    assert slow["faulty_seconds"] > 0.8 * slow["stored_bytes"] / (50e6 / 8)
+    assert slow["fault_free_last_seconds"] == free["last_seconds"]
+    assert slow["others_last_vs_fault_free"] == pytest.approx(
+        slow["others_last_seconds"] / free["last_seconds"], abs=2e-3
+    )
+
+    kill = runs["p2pcast", "kill"]
+    assert kill["ok"], kill
+    assert kill["faulty_node"] == "n3" and kill["per_node"]["n3"]["killed"]
+    assert kill["per_node"]["n3"]["sha256_ok"] is False  # not verified: it is dead
+    assert kill["others_completed"] == kill["verified"] == 3
+    assert all(kill["per_node"][n]["sha256_ok"] for n in ("n1", "n2", "n4"))
+    assert 0.5 <= kill["killed_progress"] < 1.0 and kill["killed_pids"]
+    assert 0 < kill["killed_at_seconds"] < kill["others_last_seconds"]
+    assert kill["others_last_vs_fault_free"] > 0
+
+    chain = runs["chain", "kill"]
+    assert "error" not in chain and not chain["ok"], chain
+    assert chain["others_completed"] < 3 and "survivors" in chain["failure"]
+    assert chain["others_last_vs_fault_free"] is None
+    assert runs["chain", "straggler"]["ok"]
+    assert (tmp_path / "faults_faults.png").stat().st_size > 0
+    assert not any(ns.startswith(f"{name}-") for ns in _namespaces())
+    assert not cl.state_path(name).exists()
+
+
+# ---- faults: the helpers ------------------------------------------------------------
+
+
+def test_faulty_node_is_rank_n_over_2() -> None:
+    assert [cluster_bench.faulty_node(n) for n in (2, 3, 4, 5, 16)] == [
+        "n2", "n2", "n3", "n3", "n9",
+    ]  # fmt: skip
+
+
+def test_split_faulty_straggler() -> None:
+    seconds = {"n1": 2.0, "n2": 3.0, "n3": 9.0, "n4": 4.0}
+    ok = dict.fromkeys(seconds, True)
+    got = cluster_bench.split_faulty(4, seconds, ok, "straggler", "n3")
+    assert got == {
+        "others_total": 3, "others_completed": 3, "others_first_seconds": 2.0,
+        "others_median_seconds": 3.0, "others_last_seconds": 4.0, "faulty_seconds": 9.0,
+        "ok": True,
+    }  # fmt: skip
+    # a straggler without a verified copy fails the scenario, the others still count
+    got = cluster_bench.split_faulty(4, seconds, ok | {"n3": False}, "straggler", "n3")
+    assert not got["ok"] and got["faulty_seconds"] is None and got["others_last_seconds"] == 4.0
+
+
+def test_split_faulty_kill_counts_verified_survivors_only() -> None:
+    # n3 killed (absent); n4 ended with a broken copy (a chain); n2 never ended
+    seconds = {"n1": 1.0, "n4": 1.5}
+    ok = {"n1": True, "n4": False}
+    got = cluster_bench.split_faulty(4, seconds, ok, "kill", "n3")
+    assert got["others_completed"] == 1 and got["others_total"] == 3 and not got["ok"]
+    assert got["others_first_seconds"] == got["others_median_seconds"] == 1.0
+    assert got["others_last_seconds"] is None  # not all done: no "last" to compare
+    assert got["faulty_seconds"] is None
+    nobody = cluster_bench.split_faulty(3, {}, {}, "kill", "n2")
+    assert nobody["others_completed"] == 0 and nobody["others_first_seconds"] is None
+
+
+def _rec(method: str, n: int, last: float, **kw: Any) -> dict[str, Any]:
+    return {"method": method, "nodes": n, "last_seconds": last, "ok": True} | kw
+
+
+def test_fault_free_last() -> None:
+    records = [
+        _rec("p2pcast", 4, 3.0),  # an old record, without a scenario: fault-free
+        _rec("p2pcast", 4, 5.0, scenario="fault-free"),
+        _rec("p2pcast", 4, 4.0, scenario="fault-free"),
+        _rec("p2pcast", 4, 1.0, scenario="fault-free", ok=False),
+        _rec("p2pcast", 4, 9.0, scenario="straggler"),
+        _rec("p2pcast", 2, 1.0, scenario="fault-free"),
+        _rec("chain", 4, 2.0, scenario="fault-free"),
+        {"method": "http", "nodes": 4, "ok": False, "error": "boom"},
+    ]
+    assert cluster_bench.fault_free_last(records, "p2pcast", 4) == 4.0  # median of 3, 4, 5
+    assert cluster_bench.fault_free_last(records, "chain", 4) == 2.0
+    assert cluster_bench.fault_free_last(records, "http", 4) is None
+    assert cluster_bench.fault_free_last(records, "aria2", 4) is None
+
+
+def _image() -> dict[str, Any]:
+    return {"size": 1000, "sha256": "x"}
+
+
+def test_summarize_kill_record() -> None:
+    run = cm.MethodRun(
+        seconds={"n1": 2.0, "n2": 2.6, "n4": 2.2},
+        paths={},
+        wall_seconds=2.7,
+        origin_bytes=1000,
+        extra={
+            "cpu": {"cpu_seconds": 1.0, "cpu_cores": 0.5, "machine_busy_pct": 50.0},
+            "kill": {"killed_at_seconds": 1.1, "killed_progress": 0.53, "killed_pids": [7]},
+        },
+    )
+    ok = {"n1": True, "n2": True, "n4": True}
+    fault = cm.Fault("kill", "n3")
+    rec = cluster_bench.summarize("p2pcast", 4, 0, run, ok, _image(), 1.0, 1100, fault, 2.0)
+    assert rec["scenario"] == "kill" and rec["faulty_node"] == "n3" and rec["ok"]
+    assert rec["others_last_seconds"] == rec["last_seconds"] == 2.6
+    assert rec["fault_free_last_seconds"] == 2.0 and rec["others_last_vs_fault_free"] == 1.3
+    assert rec["killed_progress"] == 0.53 and rec["kill_at"] == 0.5
+    assert rec["per_node"]["n3"] == {"seconds": None, "sha256_ok": False, "killed": True}
+    assert list(rec["per_node"]) == ["n1", "n2", "n3", "n4"]
+    assert "failure" not in rec
+    assert "n3" in cluster_bench._row(rec) and cluster_bench.healthy(rec)
+    # no fault-free run in this invocation: no ratio
+    alone = cluster_bench.summarize("p2pcast", 4, 0, run, ok, _image(), 1.0, 1100, fault)
+    assert "others_last_vs_fault_free" not in alone and "fault_free_last_seconds" not in alone
+
+
+def test_summarize_failed_kill_is_a_result() -> None:
+    run = cm.MethodRun(
+        seconds={"n1": 0.4, "n2": 0.4, "n4": 0.4},
+        paths={},
+        wall_seconds=0.5,
+        origin_bytes=1000,
+        extra={
+            "cpu": {"cpu_seconds": 1.0, "cpu_cores": 0.5, "machine_busy_pct": 50.0},
+            "incomplete": {"origin": "exit status 1"},
+        },
+    )
+    ok = dict.fromkeys(run.seconds, False)
+    fault = cm.Fault("kill", "n3")
+    rec = cluster_bench.summarize("chain", 4, 0, run, ok, _image(), 1.0, 600, fault, 1.0)
+    assert not rec["ok"] and rec["others_completed"] == 0
+    assert rec["failure"] == "0 of 3 survivors completed with a verified copy"
+    assert rec["last_seconds"] is None and rec["others_last_vs_fault_free"] is None
+    assert cluster_bench.healthy(rec)  # a result, not a broken benchmark
+    assert "FAILED" in cluster_bench._row(rec)
+    broken = {"method": "chain", "nodes": 4, "scenario": "kill", "ok": False, "error": "x"}
+    assert not cluster_bench.healthy(broken)
+    failed_straggler = dict(rec, scenario="straggler")
+    assert not cluster_bench.healthy(failed_straggler)
+
+
+def test_fault_free_record_unchanged() -> None:
+    """Fault-free records keep today's fields and values (and gain the scenario's)."""
+    run = cm.MethodRun(
+        seconds={"n1": 1.0, "n2": 3.0},
+        paths={},
+        wall_seconds=3.0,
+        origin_bytes=1000,
+        extra={"cpu": {"cpu_seconds": 1.0, "cpu_cores": 0.5, "machine_busy_pct": 50.0}},
+    )
+    rec = cluster_bench.summarize("http", 2, 0, run, {"n1": True, "n2": True}, _image(), 2.0, 9)
+    assert rec["scenario"] == "fault-free" and rec["faulty_node"] is None
+    assert (rec["first_seconds"], rec["median_seconds"], rec["last_seconds"]) == (1.0, 2.0, 3.0)
+    assert rec["last_ratio"] == 1.5
+    assert not {k for k in rec if k.startswith(("others_", "faulty_s", "kill"))}
+    assert cluster_bench._row(rec).startswith("http       2    1.00    2.00    3.00")
+
+
+def test_plot_faults(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = [
+        _rec("p2pcast", 4, 3.0, scenario="fault-free", first_seconds=2.0),
+        _rec("chain", 4, 2.0, scenario="fault-free", first_seconds=1.0),
+        _rec("p2pcast", 4, 3.3, scenario="kill", others_last_vs_fault_free=1.1),
+        _rec("chain", 4, math.nan, scenario="kill", ok=False, others_completed=0,
+             others_total=3, others_last_vs_fault_free=None),
+        _rec("p2pcast", 4, 9.0, scenario="straggler", others_last_vs_fault_free=3.0),
+        {"method": "chain", "nodes": 4, "scenario": "straggler", "ok": False, "error": "x"},
+    ]  # fmt: skip
+    result = {"runs": runs, "floor_seconds": 1.0, "params": {"size_human": "1M", "rate": "1gbit"}}
+    written = cluster_bench.plot(result, tmp_path / "r.json")
+    assert {p.name for p in written} == {"r_faults.png", "r_time.png", "r_ratio.png"}
+    assert all(p.stat().st_size > 0 for p in written)
