@@ -1,7 +1,8 @@
 """Cluster benchmark: one image to N emulated nodes on shaped links, four ways.
 
     .venv/bin/python -m bench.cluster_bench --nodes 2,4,8 --rate 400mbit --size 256M \\
-        --methods p2pcast,http,chain,aria2 --out bench/results/cluster.json [--plot]
+        --methods p2pcast,http,chain,aria2 --out bench/results/cluster.json [--plot] \\
+        [--scenarios fault-free,straggler,kill]
 
 For each N a cluster of N node namespaces and an origin namespace is built with
 tools/cluster.py (every link shaped to --rate both ways, the origin's to
