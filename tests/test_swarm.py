@@ -518,8 +518,37 @@ def test_stall_fallback_leaves_chunks_a_peer_offers() -> None:
     assert origin_reads(swarm.poll(9.0)) == [3]  # 3 is offered by nobody
 
 
+def test_own_origin_reads_are_paced_while_peers_fill_the_window() -> None:
+    # Rank 0 of 4 owns 16 of 64 chunks. The others offer everything else, so
+    # the peer window is full: rank 0 reads its own chunks only ``origin_lead``
+    # ahead of its share of its progress, and leaves the rest of the link to peers.
+    swarm = make(chunks=64, size=4, rank=0, origin_window=1, origin_lead=2, **QUIET)
+    all_up(swarm)
+    for peer in (1, 2, 3):
+        swarm.bitfield(peer, [i for i in range(64) if i % 4], 0.0)
+    first = swarm.poll(0.0)
+    assert origin_reads(first) == [0] and len(requests(first)) == 4
+    swarm.chunk_received(0, ORIGIN, 0.1)
+    assert origin_reads(swarm.poll(0.1)) == [4]
+    swarm.chunk_received(4, ORIGIN, 0.2)
+    assert origin_reads(swarm.poll(0.2)) == [8]
+    swarm.chunk_received(8, ORIGIN, 0.3)
+    assert origin_reads(swarm.poll(0.3)) == []  # 3 read, quota 16 * 3/64 + 2
+    for n, req in enumerate(requests(first)):
+        swarm.chunk_received(req.index, req.peer, 0.4 + n / 100)
+    assert 12 in origin_reads(swarm.poll(0.5))  # progress 7/64: quota 3.75
+
+
+def test_own_origin_reads_go_on_when_peers_offer_nothing() -> None:
+    swarm = make(chunks=64, size=4, rank=0, origin_window=1, origin_lead=0, **QUIET)
+    all_up(swarm)
+    for step, index in enumerate(range(0, 16, 4)):
+        assert origin_reads(swarm.poll(step)) == [index]
+        swarm.chunk_received(index, ORIGIN, step + 0.5)
+
+
 def test_finished_is_emitted_exactly_once() -> None:
-    swarm = make(chunks=2, size=1, **QUIET)
+    swarm = make(chunks=2, size=1, origin_window=2, **QUIET)
     assert swarm.poll(0.0) == [ReadOrigin(0), ReadOrigin(1)]
     swarm.chunk_received(0, ORIGIN, 0.1)
     assert swarm.poll(0.1) == []
@@ -586,3 +615,15 @@ def test_next_deadline_is_not_in_the_past_while_waiting(busy_with: str) -> None:
     assert swarm.poll(6.0) == []
     deadline = swarm.next_deadline()
     assert deadline is not None and deadline > 6.0, f"next_deadline() = {deadline} at 6.0"
+
+
+def test_a_request_deadline_always_fires() -> None:
+    # 6.34317728 + 5.0 - 6.34317728 < 5.0 in floating point: the expiry test
+    # must use the very sum next_deadline() returns, or the timer spins.
+    swarm = make(chunks=4, size=2, rank=0, have=[0, 2], request_timeout_min=5.0, **QUIET)
+    all_up(swarm)
+    swarm.bitfield(1, [1], 6.34317728)
+    assert swarm.poll(6.34317728) == [RequestChunk(1, 1)]
+    deadline = swarm.next_deadline()
+    assert deadline is not None
+    assert CancelRequest(1, 1) in swarm.poll(deadline)
