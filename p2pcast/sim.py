@@ -53,7 +53,6 @@ from p2pcast.swarm import (
     SwarmConfig,
 )
 
-
 #: Payload carried per byte of link capacity: TCP/IP headers cost the rest.
 #: Measured on the emulated cluster (Linux namespaces, htb-shaped links): bulk
 #: TCP transfers reach 0.955 of the shaped rate.
@@ -151,6 +150,7 @@ class SimCluster:
         self.seq = itertools.count()
         self.event_count = 0
         self.alive = [True] * n
+        self.alive_count = n  # sum(alive), kept: the main loop checks it per event
         self.finish_times: dict[int, float] = {}
         self.aborted: dict[int, str] = {}
         self.origin_bytes = 0
@@ -181,10 +181,9 @@ class SimCluster:
         while events and self.now < until:
             when, _, fn = heapq.heappop(events)
             self.event_count += 1
-            if when > self.now:
-                self.now = when
+            self.now = max(self.now, when)
             fn()
-            if len(self.finish_times) + len(self.aborted) >= sum(self.alive):
+            if len(self.finish_times) + len(self.aborted) >= self.alive_count:
                 break
         return SimResult(
             finish_times=dict(self.finish_times),
@@ -417,7 +416,10 @@ class SimCluster:
     # ---- faults -----------------------------------------------------------
 
     def _kill(self, rank: int) -> None:
+        if not self.alive[rank]:
+            return
         self.alive[rank] = False
+        self.alive_count -= 1
         for fid, flow in list(self.flows.items()):
             if rank in (flow.src, flow.dst) and fid in self.flows:
                 self._remove_flow(fid, flow)

@@ -204,6 +204,11 @@ class Swarm:
         self.holders = [0] * self.chunk_count
         self.slow: set[int] = set()
         self.owned_progress = 0
+        #: last sign of progress: a chunk arrived, or a peer announced one.
+        #: News counts because over a partial view a node may wait a while
+        #: for the first chunks to fan out to its neighbourhood; that is not
+        #: a stall, and thousands of nodes reading from the origin at once
+        #: would swamp it.
         self.last_arrival = now
         self.stall_checked = now
         self.next_judge = now + config.takeover_grace
@@ -313,6 +318,7 @@ class Swarm:
             return
         peer.bits[index] = 1
         peer.announced += 1
+        self.last_arrival = now
         if self.owner(index) == rank:
             peer.owned_progress += 1
         self.holders[index] += 1
@@ -515,6 +521,12 @@ class Swarm:
             # others. Over a partial view this is the common case at start-up
             # (thousands of nodes wait for the first chunks to fan out), and
             # reading a chunk its owner has not reached yet would double it.
+            return
+        if len(self.peers) < self.size - 1 and not any(p.announced for p in usable):
+            # Over a partial view, silence from every neighbour means the
+            # broadcast has not reached our corner yet: hundreds of nodes
+            # would read from the origin at once. Dead owners are replaced
+            # by their ring successors (_reassign), which see them.
             return
         for index in range(self.chunk_count):
             if self.have[index] or index in self.inflight:
