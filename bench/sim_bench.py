@@ -14,6 +14,7 @@ wall-clock seconds and event counts measure the simulator itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -25,6 +26,7 @@ from typing import Any
 from p2pcast import overlay, swarm
 from p2pcast.cli import parse_size
 from p2pcast.sim import TCP_GOODPUT, SimSpec, simulate
+from p2pcast.swarm import SwarmConfig
 from tools.cluster import parse_rate
 
 #: The issue's target for 4096 nodes: the last node within 1.25 x S/B.
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--origin-rate", default="1000mbit", help="the origin's uplink")
     parser.add_argument("--latency-ms", type=float, default=0.1, help="one way")
     parser.add_argument("--goodput", type=float, default=TCP_GOODPUT)
+    parser.add_argument(
+        "--initial-rate",
+        default=None,
+        help="SwarmConfig.initial_rate, the rate assumed before any chunk is measured "
+        "(default: --rate, as an operator would set it)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results/sim.json"))
     parser.add_argument("--plot", action="store_true", help="also write <out>.png")
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     link = parse_rate(args.rate) / 8
     origin = parse_rate(args.origin_rate) / 8
     nodes = [int(n) for n in args.nodes.split(",")]
+    initial = parse_rate(args.initial_rate) / 8 if args.initial_rate else link
+    config = SwarmConfig(initial_rate=initial)
     params = {
         "size": size,
         "size_human": args.size,
@@ -121,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "latency_ms": args.latency_ms,
         "goodput": args.goodput,
         "seed": args.seed,
+        "config": dataclasses.asdict(config),
         "overlay_degree": overlay.DEGREE,
+        "overlay_full_mesh": overlay.FULL_MESH,
         "max_owners": swarm.MAX_OWNERS,
         "floor_seconds": size / link,
         "python": platform.python_version(),
@@ -139,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             latency=args.latency_ms / 1000,
             seed=args.seed,
             goodput=args.goodput,
+            config=config,
         )
         r = run_one(spec)
         runs.append(r)
