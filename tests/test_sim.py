@@ -242,11 +242,12 @@ def test_goodput_slows_transfers_in_proportion() -> None:
 
 
 def test_1024_nodes_over_partial_views_finish_reading_the_origin_once() -> None:
-    # Few chunks keep this quick (~3 s); the 4096-node runs are the
-    # benchmark's (bench/sim_bench.py).
+    # Four chunks keep this to a few seconds: the cost is the start-up, when
+    # a thousand nodes ask the few holders (and mostly hear "busy"). The
+    # 4096-node, 256-chunk runs are the benchmark's (bench/sim_bench.py).
     # initial_rate as the daemon's operator would set it: the link's rate (the
     # default, 1 Gbit/s, makes busy back-offs 8x too short on these links).
-    spec = SimSpec(nodes=1024, image_size=16 * CHUNK, chunk_size=CHUNK, link_rate=12.5e6,
+    spec = SimSpec(nodes=1024, image_size=4 * CHUNK, chunk_size=CHUNK, link_rate=12.5e6,
                    origin_rate=125e6, latency=1e-4,
                    config=SwarmConfig(initial_rate=12.5e6))  # fmt: skip
     cluster = SimCluster(spec)
@@ -254,6 +255,8 @@ def test_1024_nodes_over_partial_views_finish_reading_the_origin_once() -> None:
     assert_all_finished(result)
     assert result.origin_bytes <= 1.05 * spec.image_size
     assert max(len(s.peers) for s in cluster.swarms) <= overlay.DEGREE
-    # Simulated time: the image needs 16 chunk times per node at best; the
-    # fan-out to 1024 nodes adds hops, but nothing like a ring's 1023.
-    assert spec.floor / spec.goodput <= result.last < 4 * spec.floor
+    # Simulated time, in chunk times (floor / 4): the fan-out to 1024 nodes
+    # takes at least log2(1024) = 10 hops (measured: 27 chunk times), a ring
+    # would need 1023 + 4. 40 fails if the swarm degenerates towards a ring.
+    chunk_time = spec.floor / 4
+    assert 10 * chunk_time <= result.last < 40 * chunk_time
