@@ -39,6 +39,17 @@ from collections.abc import Iterable, Sequence
 #: Source id meaning "the origin" in actions and events.
 ORIGIN = -1
 
+#: At most this many ranks read from the origin (chunk i is read by rank
+#: i mod owners). All owners read at once and the origin splits its link
+#: evenly among them, so with an owner per chunk (thousands of nodes, a few
+#: hundred chunks) no chunk arrives before ~S / origin rate and the swarm
+#: idles until then; fewer owners, each reading its chunks in order two at a
+#: time, stream chunks out from the start. 64 keeps every cluster of up to 64
+#: nodes exactly as before (16 owners made N=64 ~3 % slower in the simulator)
+#: and covers an origin up to ~64x faster than a node's link. A constant, not
+#: a SwarmConfig field: every node must compute the same owners.
+MAX_OWNERS = 64
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SwarmConfig:
@@ -159,15 +170,25 @@ class Swarm:
         rng: random.Random,
         config: SwarmConfig = SwarmConfig(),
         have: Iterable[int] = (),
+        view: Iterable[int] | None = None,
     ) -> None:
+        """``view``: the ranks this node exchanges with (see p2pcast.overlay);
+        every other rank when omitted. It must hold the ring predecessor and
+        successor: the ring preference and owner takeover rely on them."""
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} outside 0..{size - 1}")
+        ranks = sorted(set(range(size) if view is None else view) - {rank})
+        if size > 1 and not {(rank - 1) % size, (rank + 1) % size} <= set(ranks):
+            raise ValueError(f"view of rank {rank} lacks its ring neighbours")
+        if ranks and not 0 <= ranks[0] <= ranks[-1] < size:
+            raise ValueError(f"view of rank {rank} holds ranks outside 0..{size - 1}")
         self.config = config
         self.rank = rank
         self.size = size
         self.rng = rng
         self.chunk_sizes = tuple(chunk_sizes)
         self.chunk_count = len(self.chunk_sizes)
+        self.owners = min(size, MAX_OWNERS)
         self.started = now
         self.have = bytearray(self.chunk_count)
         self.have_count = 0
@@ -180,13 +201,18 @@ class Swarm:
         self.origin_inflight = 0
         self.origin_queue: list[int] = []
         self.origin_failures: dict[int, int] = {}
-        self.peers: dict[int, _Peer] = {
-            r: _Peer(r, self.chunk_count) for r in range(size) if r != rank
-        }
+        self.peers: dict[int, _Peer] = {r: _Peer(r, self.chunk_count) for r in ranks}
+        #: the view by ring distance behind us: preferred() walks it in order
+        self.ring_behind = sorted(ranks, key=lambda r: (rank - r) % size)
         #: how many peers announced each chunk, for rarest-first choice
         self.holders = [0] * self.chunk_count
         self.slow: set[int] = set()
         self.owned_progress = 0
+        #: last sign of progress: a chunk arrived, or a peer announced one.
+        #: News counts because over a partial view a node may wait a while
+        #: for the first chunks to fan out to its neighbourhood; that is not
+        #: a stall, and thousands of nodes reading from the origin at once
+        #: would swamp it.
         self.last_arrival = now
         self.stall_checked = now
         self.next_judge = now + config.takeover_grace
@@ -198,7 +224,9 @@ class Swarm:
         self.busy_answers = 0  # requests a peer declined as busy (load spreading)
         self.requests_sent = 0
         self.bytes_from_peers = 0
-        for index in range(rank, self.chunk_count, size):
+        #: cached _expected_chunk_time(): None once a peer's rate changes
+        self._chunk_time: float | None = None
+        for index in self.owned(rank):
             if not self.have[index]:
                 self.origin_queue.append(index)
             else:
@@ -212,19 +240,31 @@ class Swarm:
         return self.have_count == self.chunk_count
 
     def owner(self, index: int) -> int:
-        return index % self.size
+        return index % self.owners
+
+    def owned(self, rank: int) -> range:
+        """The chunks rank ``rank`` reads from the origin (none past the owners)."""
+        return range(rank, self.chunk_count, self.owners) if rank < self.owners else range(0)
 
     def preferred(self) -> int | None:
-        """The ring predecessor, skipping ranks known to be dead or slow."""
-        for step in range(1, self.size):
-            rank = (self.rank - step) % self.size
+        """The ring predecessor, skipping ranks known to be dead or slow.
+
+        Only ranks in the view count: past a dead predecessor, the next one
+        behind it that we see.
+        """
+        for rank in self.ring_behind:
             peer = self.peers[rank]
             if not peer.dead and not peer.banned and rank not in self.slow:
                 return rank
         return None
 
     def backup_owner(self, index: int) -> int:
-        """First rank after the chunk's owner that is neither dead nor slow."""
+        """First rank after the chunk's owner that is neither dead nor slow.
+
+        A rank outside our view counts as healthy (we cannot judge it), so
+        the walk stops after at most one rank per view member. Owners' ring
+        successors see them, so a dead owner's backup does know it is one.
+        """
         owner = self.owner(index)
         for step in range(self.size):
             rank = (owner + step) % self.size
@@ -232,8 +272,8 @@ class Swarm:
                 if rank not in self.slow:
                     return rank
                 continue
-            peer = self.peers[rank]
-            if not (peer.dead or peer.banned or rank in self.slow):
+            peer = self.peers.get(rank)
+            if peer is None or not (peer.dead or peer.banned or rank in self.slow):
                 return rank
         return self.rank
 
@@ -282,6 +322,7 @@ class Swarm:
             return
         peer.bits[index] = 1
         peer.announced += 1
+        self.last_arrival = now
         if self.owner(index) == rank:
             peer.owned_progress += 1
         self.holders[index] += 1
@@ -304,6 +345,7 @@ class Swarm:
             if requested is not None and now > requested:
                 sample = size / (now - requested)
                 peer.rate = sample if not peer.rate else 0.7 * peer.rate + 0.3 * sample
+                self._chunk_time = None
         if self.have[index]:
             return  # a duplicate (a cancelled request that crossed): nothing new
         self.have[index] = 1
@@ -386,9 +428,12 @@ class Swarm:
         return started
 
     def _expected_chunk_time(self) -> float:
-        rates = [p.rate for p in self.peers.values() if p.rate]
-        rate = max(rates) if rates else self.config.initial_rate
-        return max(self.chunk_sizes, default=0) / rate
+        # Cached: asked several times per poll, it changes only with a rate.
+        if self._chunk_time is None:
+            rates = [p.rate for p in self.peers.values() if p.rate]
+            rate = max(rates) if rates else self.config.initial_rate
+            self._chunk_time = max(self.chunk_sizes, default=0) / rate
+        return self._chunk_time
 
     def _request_timeout(self) -> float:
         return max(
@@ -408,6 +453,7 @@ class Swarm:
             self._drop_inflight(index)
             peer = self.peers[source]
             peer.rate = peer.rate / 2 if peer.rate else 1.0
+            self._chunk_time = None
             # Ask someone else if anyone else has it (see _next_offer).
             peer.timed_out.add(index)
             actions.append(CancelRequest(source, index))
@@ -440,7 +486,7 @@ class Swarm:
 
     def _owned_total(self, rank: int) -> int:
         """How many chunks rank ``rank`` owns (reads from the origin)."""
-        return max(0, (self.chunk_count - rank + self.size - 1) // self.size)
+        return len(self.owned(rank))
 
     def _reassign(self) -> None:
         """Take over the unread chunks of dead or slow owners that fall to us."""
@@ -452,7 +498,7 @@ class Swarm:
         queued = set(self.origin_queue)
         usable = [p for p in self.peers.values() if p.usable]
         for owner in gone - {self.rank}:
-            for index in range(owner, self.chunk_count, self.size):
+            for index in self.owned(owner):
                 # Take over what no usable peer holds: what a dead or banned
                 # owner announced is out of reach; a slow owner still counts.
                 offered = any(p.bits[index] for p in usable)
@@ -476,6 +522,18 @@ class Swarm:
         if self.origin_inflight or self.origin_queue:
             return
         usable = [p for p in self.peers.values() if p.usable]
+        if any(self._has_offer(p) for p in usable):
+            # Not a stall: peers hold chunks we need and are busy serving
+            # others. Over a partial view this is the common case at start-up
+            # (thousands of nodes wait for the first chunks to fan out), and
+            # reading a chunk its owner has not reached yet would double it.
+            return
+        if len(self.peers) < self.size - 1 and not any(p.announced for p in usable):
+            # Over a partial view, silence from every neighbour means the
+            # broadcast has not reached our corner yet: hundreds of nodes
+            # would read from the origin at once. Dead owners are replaced
+            # by their ring successors (_reassign), which see them.
+            return
         for index in range(self.chunk_count):
             if self.have[index] or index in self.inflight:
                 continue
@@ -539,6 +597,25 @@ class Swarm:
         peer.offers.difference_update(stale)
         return best
 
+    def _has_offer(self, peer: _Peer) -> bool:
+        """Whether _next_offer(peer) is not None, without ranking every offer:
+        asked of every neighbour at every poll, it must not cost O(offers)."""
+        stale = []
+        found = False
+        for index in peer.offers:
+            if self.have[index] or not peer.bits[index]:
+                stale.append(index)
+            elif index not in self.inflight and (
+                index not in peer.timed_out
+                or not any(
+                    p is not peer and p.usable and p.bits[index] for p in self.peers.values()
+                )
+            ):
+                found = True
+                break
+        peer.offers.difference_update(stale)
+        return found
+
     def _request(self, peer: _Peer, now: float, actions: list[Action]) -> bool:
         index = self._next_offer(peer)
         if index is None:
@@ -572,7 +649,7 @@ class Swarm:
                 if p.usable
                 and len(p.inflight) < cfg.peer_window
                 and p.busy_until <= now
-                and self._next_offer(p) is not None
+                and self._has_offer(p)
             ]
             candidates = [p for p in open_peers if p.rank not in self.slow] or open_peers
             if not candidates:
