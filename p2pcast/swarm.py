@@ -36,6 +36,9 @@ import random
 import statistics
 from collections.abc import Iterable, Sequence
 
+#: How many healthy ranks after a dead or slow owner share its chunks.
+BACKUP_SPREAD = 3
+
 #: Source id meaning "the origin" in actions and events.
 ORIGIN = -1
 
@@ -74,6 +77,11 @@ class SwarmConfig:
     slow_fraction: float = 0.5
     #: ... by more than this many chunks (one chunk of lag is one transfer).
     slow_lag_chunks: int = 1
+    #: A node holding less than this fraction of the median node's chunks ...
+    straggler_fraction: float = 0.5
+    #: ... and at least this many fewer is a straggler (see ``_judge``):
+    #: early on, a few chunks of difference are only who went first.
+    straggler_lag_chunks: int = 4
     #: A request older than this many expected chunk times is given up (s).
     request_timeout_chunks: float = 8.0
     #: Floor of the request timeout (s): scheduling noise on a loaded node.
@@ -207,6 +215,14 @@ class Swarm:
         #: how many peers announced each chunk, for rarest-first choice
         self.holders = [0] * self.chunk_count
         self.slow: set[int] = set()
+        #: owners some of whose chunks we read in their place
+        self.taken_over: set[int] = set()
+        #: Among equally rare chunks, each node starts at its own point of the
+        #: image: two nodes pulling the same lowest-index chunks from one
+        #: holder get them at the same moment and have nothing to swap (a
+        #: straggler's backup then fed its two neighbours the same chunks
+        #: twice over its one uplink).
+        self.tie_offset = rank * self.chunk_count // size
         self.owned_progress = 0
         #: last sign of progress: a chunk arrived, or a peer announced one.
         #: News counts because over a partial view a node may wait a while
@@ -259,23 +275,35 @@ class Swarm:
         return None
 
     def backup_owner(self, index: int) -> int:
-        """First rank after the chunk's owner that is neither dead nor slow.
+        """Who reads chunk ``index`` from the origin: its owner if healthy,
+        else one of the first ``BACKUP_SPREAD`` healthy ranks after it, by index.
+
+        Spreading matters: a single backup reads twice the share over one
+        downlink, and the others wait for it (simulated N=4 with a quarter-rate
+        node: the others at 1.5x their fault-free time with one backup).
 
         A rank outside our view counts as healthy (we cannot judge it), so
         the walk stops after at most one rank per view member. Owners' ring
-        successors see them, so a dead owner's backup does know it is one.
+        successors see them, so a dead owner's backups do know they are.
         """
         owner = self.owner(index)
+        healthy: list[int] = []
         for step in range(self.size):
             rank = (owner + step) % self.size
             if rank == self.rank:
-                if rank not in self.slow:
+                ok = rank not in self.slow
+            else:
+                peer = self.peers.get(rank)
+                ok = peer is None or not (peer.dead or peer.banned or rank in self.slow)
+            if ok:
+                if step == 0:
                     return rank
-                continue
-            peer = self.peers.get(rank)
-            if peer is None or not (peer.dead or peer.banned or rank in self.slow):
-                return rank
-        return self.rank
+                healthy.append(rank)
+                if len(healthy) == BACKUP_SPREAD:
+                    break
+        if not healthy:
+            return self.rank
+        return healthy[(index // self.owners) % len(healthy)]
 
     def next_deadline(self) -> float | None:
         if self.complete or self.aborted:
@@ -480,6 +508,21 @@ class Swarm:
             if done + self.config.slow_lag_chunks
             < self.config.slow_fraction * fraction * self._owned_total(r)
         }
+        # A straggler: a node whose link is so slow that its whole progress
+        # lags far behind. Its origin reads may keep pace (an origin stream
+        # crowds out its peers), yet what it reads leaves through the same
+        # thin uplink, and everyone waits for those chunks (a quarter-rate node
+        # of 4 held the others at 3x their time). Judged on chunks held, as
+        # announced, which every node sees alike, so they agree on it.
+        median = statistics.median(held)
+        announced = {r: p.announced for r, p in self.peers.items() if not p.dead}
+        announced[self.rank] = self.have_count
+        slow |= {
+            r
+            for r, count in announced.items()
+            if count < self.config.straggler_fraction * median
+            and median - count >= self.config.straggler_lag_chunks
+        }
         if slow != self.slow:
             self.slow = slow
             self._reassign()
@@ -500,8 +543,9 @@ class Swarm:
         for owner in gone - {self.rank}:
             for index in self.owned(owner):
                 # Take over what no usable peer holds: what a dead or banned
-                # owner announced is out of reach; a slow owner still counts.
-                offered = any(p.bits[index] for p in usable)
+                # owner announced is out of reach, and what only slow peers
+                # hold would reach everyone through their slow uplinks.
+                offered = any(p.bits[index] for p in usable if p.rank not in self.slow)
                 if (
                     not self.have[index]
                     and not offered
@@ -511,6 +555,7 @@ class Swarm:
                 ):
                     heapq.heappush(self.origin_queue, index)
                     queued.add(index)
+                    self.taken_over.add(owner)
 
     def _stall_fallback(self, now: float) -> None:
         """Nothing arrived for a while: read one unobtainable chunk ourselves."""
@@ -559,18 +604,28 @@ class Swarm:
         return self.owned_progress + self.origin_inflight < quota + self.config.origin_lead
 
     def _schedule_origin(self, now: float, actions: list[Action]) -> None:
-        while self.origin_queue and self.origin_inflight < self.config.origin_window:
-            index = self.origin_queue[0]
-            if not (self.have[index] or index in self.inflight) and not self._origin_due(index):
-                return
-            heapq.heappop(self.origin_queue)
+        # One read in flight for our own chunks, one more for each owner whose
+        # chunks we took over: the backup of a straggler must read twice the
+        # share, and with one stream it fell far behind (simulated N=4, a
+        # quarter-rate node: the others at 1.5x their fault-free time).
+        window = self.config.origin_window + len(self.taken_over)
+        if not self.origin_queue or self.origin_inflight >= window:
+            return
+        waiting: list[int] = []  # own chunks not due yet: later, in order
+        while self.origin_queue and self.origin_inflight < window:
+            index = heapq.heappop(self.origin_queue)
             if self.have[index] or index in self.inflight:
                 continue
             if self.rank in self.slow and self.backup_owner(index) != self.rank:
                 continue
+            if not self._origin_due(index):
+                waiting.append(index)
+                continue
             self.inflight[index] = (ORIGIN, now)
             self.origin_inflight += 1
             actions.append(ReadOrigin(index))
+        for index in waiting:
+            heapq.heappush(self.origin_queue, index)
 
     def _next_offer(self, peer: _Peer) -> int | None:
         """The rarest chunk this peer offers (lowest index among equals).
@@ -591,7 +646,7 @@ class Swarm:
                 p is not peer and p.usable and p.bits[index] for p in self.peers.values()
             ):
                 continue  # it let us down on this one; another holder exists
-            key = (self.holders[index], index)
+            key = (self.holders[index], (index - self.tie_offset) % self.chunk_count)
             if best is None or key < best_key:
                 best, best_key = index, key
         peer.offers.difference_update(stale)
@@ -651,9 +706,16 @@ class Swarm:
                 and p.busy_until <= now
                 and self._has_offer(p)
             ]
-            candidates = [p for p in open_peers if p.rank not in self.slow] or open_peers
+            candidates = [p for p in open_peers if p.rank not in self.slow]
             if not candidates:
-                return
+                # Slow peers only as a last resort, one request at a time:
+                # their chunks crawl and hold window slots all the while
+                # (simulated N=8 with a quarter-rate node: its successor's
+                # successor drew a tenth of the image from it, and finished last).
+                slow_busy = any(self.peers[r].inflight for r in self.slow if r in self.peers)
+                if slow_busy or not open_peers:
+                    return
+                candidates = open_peers
             # Prefer holders we have no request with (spreads load over
             # uplinks), then the fastest measured, then chance.
             least = min(len(p.inflight) for p in candidates)
@@ -672,10 +734,14 @@ class Swarm:
         """Upstream side: serve ``downstream`` now, or answer busy?
 
         ``serving`` are the downstreams with chunks queued or being sent. The
-        ring successor is always served: it counts on us.
+        ring successor is always served: it counts on us. A slow downstream
+        takes a slot's worth of time but little of our uplink, so it does not
+        count against the slots (simulated N=8, a quarter-rate node held
+        slots on three uplinks at once and starved a healthy node).
         """
         current = set(serving)
         if downstream in current or downstream == self.successor():
             return True
         current.discard(self.successor())
+        current -= self.slow
         return len(current) < self.config.serve_slots
