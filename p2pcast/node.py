@@ -6,6 +6,11 @@ image's :class:`~p2pcast.swarm.Swarm`: it turns the scheduler's actions into
 requests on links and reads from the origin, and feeds arrivals back. Chunks
 are verified (xxh3) before they are written, announced or served, and the
 whole image (sha256) before it is marked complete.
+
+A broadcast links only to its overlay neighbours (:mod:`p2pcast.overlay`:
+every other node up to a few dozen, a bounded set beyond), and its swarm knows
+only them. The service still accepts links from any node and serves whoever
+asks, neighbour or not, within its serve slots.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from p2pcast import manifest as manifest_mod
+from p2pcast import overlay
 from p2pcast.errors import (
     ChunkCorrupt,
     IntegrityError,
@@ -96,6 +102,12 @@ class BroadcastOptions:
     #: core turns the final sha256 check into almost nothing); False hashes
     #: it all at the end, leaving every core to the transfer.
     hash_while_receiving: bool = True
+    #: The overlay (p2pcast.overlay): a node links to at most ``max_links``
+    #: neighbours, and to every other node while the broadcast has at most
+    #: ``full_mesh`` nodes. Every node of a broadcast must use the same
+    #: values: the views are symmetric only if all compute the same graph.
+    max_links: int = overlay.DEGREE
+    full_mesh: int = overlay.FULL_MESH
     swarm: SwarmConfig = dataclasses.field(default_factory=SwarmConfig)
 
 
@@ -283,6 +295,11 @@ class Broadcast:
         self.loop = asyncio.get_running_loop()
         self.image: ImageFile = service.cache.open(manifest_bytes)
         have = range(self.manifest.chunk_count) if self.image.complete else ()
+        #: the ranks this node links to and exchanges with (its overlay
+        #: neighbours); any node may still link to us and be served
+        self.view = overlay.neighbours(
+            rank, len(peers), degree=options.max_links, full_mesh=options.full_mesh
+        )
         self.swarm = Swarm(
             chunk_sizes=[c.stored_size for c in self.manifest.chunks()],
             rank=rank,
@@ -291,6 +308,7 @@ class Broadcast:
             rng=rng or random.Random(),
             config=options.swarm,
             have=have,
+            view=self.view,
         )
         self.state = "complete" if self.image.complete else "fetching"
         self.error: P2PCastError | None = None
@@ -326,9 +344,9 @@ class Broadcast:
     async def run(self) -> None:
         """Fetch until complete (or fail); peers keep being served afterwards."""
         self.service.register(self)
-        for rank, peer in enumerate(self.peers):
-            if rank != self.rank:
-                self.spawn(self._keep_link(rank, peer), f"link {peer.name}")
+        for rank in self.view:
+            peer = self.peers[rank]
+            self.spawn(self._keep_link(rank, peer), f"link {peer.name}")
         if self.cached:
             return
         try:
@@ -378,12 +396,13 @@ class Broadcast:
             self.image.close()
 
     async def linger(self) -> None:
-        """Serve peers until all have the image, or the linger time ends."""
+        """Serve our neighbours until all have the image, or the linger time ends.
+
+        Only neighbours are waited for: the others fetch from theirs.
+        """
         deadline = self.loop.time() + self.options.linger
         while self.loop.time() < deadline:
-            alive = {
-                r for r in range(len(self.peers)) if r != self.rank and not self.swarm.peers[r].dead
-            }
+            alive = {r for r, p in self.swarm.peers.items() if not p.dead}
             if all(self.peers[r].name in self.peers_done for r in alive):
                 return
             if not alive:

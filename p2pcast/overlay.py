@@ -55,23 +55,30 @@ SEED = 0x9E3779B9
 
 
 @functools.lru_cache(maxsize=4)
-def graph(size: int) -> tuple[tuple[int, ...], ...]:
+def graph(
+    size: int, degree: int = DEGREE, full_mesh: int = FULL_MESH
+) -> tuple[tuple[int, ...], ...]:
     """Every rank's neighbours (sorted), for a swarm of ``size`` ranks.
 
+    ``degree`` and ``full_mesh`` replace :data:`DEGREE` and :data:`FULL_MESH`
+    (tests use small ones to get partial views with a few nodes). Every node
+    of a broadcast must use the same values, or the views are not symmetric.
     Cached: the simulator asks for every rank of the same size.
     """
-    if size <= max(FULL_MESH, DEGREE + 1):
+    if degree < 2:
+        raise ValueError(f"degree {degree} leaves no room for the ring (at least 2)")
+    if size <= max(full_mesh, degree + 1):
         return tuple(tuple(r for r in range(size) if r != rank) for rank in range(size))
     adjacent: list[set[int]] = [{(r - 1) % size, (r + 1) % size} for r in range(size)]
     rng = random.Random(SEED ^ size)
     order = list(range(size))
-    for _ in range(MAX_PASSES):
+    for _ in range(2 * degree):  # MAX_PASSES for the default degree
         rng.shuffle(order)
         added = 0
         for place, rank in enumerate(order):
             other = order[place - 1]  # place 0 pairs with the last: a cycle
             mine, theirs = adjacent[rank], adjacent[other]
-            if other not in mine and len(mine) < DEGREE and len(theirs) < DEGREE:
+            if other not in mine and len(mine) < degree and len(theirs) < degree:
                 mine.add(other)
                 theirs.add(rank)
                 added += 1
@@ -80,8 +87,10 @@ def graph(size: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(sorted(a)) for a in adjacent)
 
 
-def neighbours(rank: int, size: int) -> tuple[int, ...]:
+def neighbours(
+    rank: int, size: int, *, degree: int = DEGREE, full_mesh: int = FULL_MESH
+) -> tuple[int, ...]:
     """The ranks ``rank`` sees, sorted; every other rank when the swarm is small."""
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} outside 0..{size - 1}")
-    return graph(size)[rank]
+    return graph(size, degree, full_mesh)[rank]
