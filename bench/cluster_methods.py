@@ -435,6 +435,12 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                 killer.stop()
         wall = time.monotonic() - t0
         cpu = meter.stop()
+        if incomplete is not None:
+            # A survivor whose daemon is gone: say how it ended (a signal, an exit code).
+            for node, message in list(incomplete.items()):
+                code = procs[node].poll()
+                if code is not None and node != setup.victim:
+                    incomplete[node] = f"{message} (daemon ended: returncode {code})"
     finally:
         _stop(list(procs.values()))
     keep = (

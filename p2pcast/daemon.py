@@ -23,7 +23,7 @@ from typing import Any
 
 from p2pcast import control, hostlists
 from p2pcast import manifest as manifest_mod
-from p2pcast.errors import ConfigError, P2PCastError, ProtocolError, UserError
+from p2pcast.errors import ConfigError, InternalError, P2PCastError, ProtocolError, UserError
 from p2pcast.names import parse_image_ref
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.base import Origin, open_origin
@@ -178,6 +178,10 @@ class Daemon:
             writer.write(control.frame(control.ERROR, control.error_body(exc)))
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except Exception as exc:  # a bug: say so to the caller and in the log, never silently
+            log.exception("control request failed")
+            error = InternalError(f"internal error in the daemon: {type(exc).__name__}: {exc}")
+            writer.write(control.frame(control.ERROR, control.error_body(error)))
         finally:
             try:
                 await writer.drain()

@@ -179,6 +179,15 @@ class PeerLink:
         for task in self.tasks:
             if task is not current:
                 task.cancel()
+        # Unregister the fd from the event loop before closing it. The tasks'
+        # own cleanup (remove_writer in _writable) only runs at their next
+        # step, after the close; by then the number may belong to a new file
+        # or socket, and libuv aborts the whole daemon (SIGABRT, no message)
+        # when epoll_ctl fails on it. Seen killing every survivor of a
+        # cluster benchmark run in which one daemon was SIGKILLed.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.fd)
+        loop.remove_writer(self.fd)
         try:
             self.sock.close()
         except OSError:
@@ -300,7 +309,8 @@ class PeerLink:
         try:
             await waiter
         finally:
-            loop.remove_writer(self.fd)
+            if not self.closed:  # abort() unregistered it; the number may be reused now
+                loop.remove_writer(self.fd)
 
     # ---- receiving ----------------------------------------------------------
 
