@@ -101,6 +101,12 @@ class SwarmConfig:
     serve_slots: int = 2
     #: After a "busy" answer, leave that peer alone this many chunk times.
     busy_backoff_chunks: float = 2.0
+    #: Downstreams served beyond serve_slots, only for neighbours that have
+    #: announced fewer than ``starter_chunks`` chunks: at start-up a holder's
+    #: slots otherwise go to nodes that already hold (and serve) chunks while
+    #: most nodes wait with idle uplinks (see ``accept_request``).
+    starter_slots: int = 1
+    starter_chunks: int = 1
 
 
 # ---- actions (what the driver must do) ------------------------------------
@@ -734,14 +740,31 @@ class Swarm:
         """Upstream side: serve ``downstream`` now, or answer busy?
 
         ``serving`` are the downstreams with chunks queued or being sent. The
-        ring successor is always served: it counts on us. A slow downstream
-        takes a slot's worth of time but little of our uplink, so it does not
-        count against the slots (simulated N=8, a quarter-rate node held
-        slots on three uplinks at once and starved a healthy node).
+        ring successor is always served: it counts on us. Others get
+        ``serve_slots`` slots, first come first served, plus ``starter_slots``
+        for neighbours that have announced fewer than ``starter_chunks``
+        chunks (we know their holdings: views are symmetric, so a downstream
+        in our view announces to us). A node that holds nothing has an idle
+        uplink; its first chunk makes it a server, so the swarm's upload
+        capacity grows fastest when such nodes are not left waiting behind
+        nodes that already hold chunks. In the simulator (1 GiB, 100 Mbit/s)
+        this cut last/floor from 1.315 to 1.218 at 1024 nodes (no change up
+        to 64); reserving slots for them by turning others away (1.252),
+        counting nodes with up to 2 or 4 chunks as starters (1.255, 1.237) and
+        two starter slots (1.222) did worse.
+
+        A slow downstream takes a slot's worth of time but little of our
+        uplink, so it does not count against the slots (simulated N=8, a
+        quarter-rate node held slots on three uplinks at once and starved a
+        healthy node).
         """
         current = set(serving)
         if downstream in current or downstream == self.successor():
             return True
         current.discard(self.successor())
         current -= self.slow
-        return len(current) < self.config.serve_slots
+        slots = self.config.serve_slots
+        peer = self.peers.get(downstream)
+        if peer is not None and peer.announced < self.config.starter_chunks:
+            slots += self.config.starter_slots
+        return len(current) < slots

@@ -634,3 +634,30 @@ def test_a_request_deadline_always_fires() -> None:
     deadline = swarm.next_deadline()
     assert deadline is not None
     assert CancelRequest(1, 1) in swarm.poll(deadline)
+
+
+def test_accept_request_keeps_a_slot_for_neighbours_that_hold_nothing() -> None:
+    # Rank 0 of 8 serves its successor (1) always, two others (serve_slots),
+    # and one more (starter_slots) only if that one holds nothing yet: at
+    # start-up, a holder's slots go to nodes that can then serve others.
+    swarm = make(chunks=8, size=8, rank=0, have=range(8), serve_slots=2, starter_slots=1)
+    all_up(swarm)
+    for rank in (2, 3, 4):
+        swarm.have_announced(rank, 0, 0.0)
+    assert swarm.accept_request(1, [1, 2, 3, 4, 5])  # the successor
+    assert swarm.accept_request(2, [2, 3])  # already being served
+    assert swarm.accept_request(2, [1, 3])  # the successor takes no slot
+    assert not swarm.accept_request(4, [2, 3])  # holds chunk 0: slots full
+    assert swarm.accept_request(5, [2, 3])  # holds nothing: the starter slot
+    assert not swarm.accept_request(6, [2, 3, 5])  # the starter slot is taken
+    swarm.have_announced(5, 1, 0.0)
+    assert not swarm.accept_request(5, [2, 3])  # now it holds a chunk
+    assert swarm.accept_request(7, [2])  # a free slot serves anyone
+
+
+def test_accept_request_without_starter_slots_is_first_come_first_served() -> None:
+    swarm = make(chunks=8, size=8, rank=0, have=range(8), serve_slots=2, starter_slots=0)
+    all_up(swarm)
+    assert swarm.accept_request(5, [2])
+    assert not swarm.accept_request(5, [2, 3])
+    assert swarm.accept_request(1, [2, 3])  # the successor
