@@ -512,7 +512,8 @@ class Swarm:
         """
         held = [p.announced for p in self.peers.values() if not p.dead]
         held.append(self.have_count)
-        fraction = statistics.median(held) / self.chunk_count if self.chunk_count else 0.0
+        median = statistics.median(held)
+        fraction = median / self.chunk_count if self.chunk_count else 0.0
         progress = {r: p.owned_progress for r, p in self.peers.items() if not p.dead}
         progress[self.rank] = self.owned_progress
         slow = {
@@ -527,7 +528,6 @@ class Swarm:
         # thin uplink, and everyone waits for those chunks (a quarter-rate node
         # of 4 held the others at 3x their time). Judged on chunks held, as
         # announced, which every node sees alike, so they agree on it.
-        median = statistics.median(held)
         announced = {r: p.announced for r, p in self.peers.items() if not p.dead}
         announced[self.rank] = self.have_count
         lagging = {
@@ -630,8 +630,6 @@ class Swarm:
         # share, and with one stream it fell far behind (simulated N=4, a
         # quarter-rate node: the others at 1.5x their fault-free time).
         window = self.config.origin_window + len(self.taken_over)
-        if not self.origin_queue or self.origin_inflight >= window:
-            return
         waiting: list[int] = []  # own chunks not due yet: later, in order
         while self.origin_queue and self.origin_inflight < window:
             index = heapq.heappop(self.origin_queue)
