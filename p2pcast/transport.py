@@ -78,6 +78,11 @@ SERVING_SLACK = 64 * 1024
 SIOCOUTQ = 0x5411
 
 
+#: A chunk waiting on a link: image id, index, and a callable giving its bytes
+#: when its turn comes (None: it left the cache meanwhile).
+QueuedChunk = tuple[bytes, int, Callable[[], FileSlice | None]]
+
+
 class LinkHandler(Protocol):
     """What a link reports to (the node service)."""
 
@@ -130,10 +135,20 @@ class PeerLink:
         self.peer_node: str | None = None
         self.hello = asyncio.get_running_loop().create_future()
         self.closed = False
-        self.queue: collections.deque[bytes | tuple[bytes, int, Callable[[], FileSlice | None]]] = (
-            collections.deque()
-        )
+        #: Small frames (Have, Reject, Bitfield, Request...) go out before any
+        #: chunk still queued: news of a chunk stuck behind one or two chunk
+        #: bodies reached the very downstreams we serve up to a second late
+        #: (1 MiB chunks, a third of a 100 Mbit/s uplink each), and a "busy"
+        #: answer as late. Frames never cut into a chunk: one writer task
+        #: sends a chunk's header and body back to back.
+        self.control: collections.deque[bytes] = collections.deque()
+        #: chunks to send, in order; a Goodbye queued by close() comes last
+        self.chunks: collections.deque[
+            bytes | tuple[bytes, int, Callable[[], FileSlice | None]]
+        ] = collections.deque()
         self.wake = asyncio.Event()
+        #: the writer is sending something it took off a queue
+        self.writing = False
         self.body_buffer = bytearray()
         self.collected = bytearray()
         self.tasks: list[asyncio.Task[None]] = []
@@ -151,7 +166,7 @@ class PeerLink:
     # ---- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
-        self.queue.append(self.conn.hello())
+        self.control.append(self.conn.hello())
         self.tasks = [
             asyncio.create_task(self._read_loop(), name=f"read {self.address}"),
             asyncio.create_task(self._write_loop(), name=f"write {self.address}"),
@@ -199,10 +214,12 @@ class PeerLink:
         if self.closed:
             return
         try:
-            self.queue.append(self.conn.goodbye(code, clean_reason(reason)))
+            self.chunks.append(self.conn.goodbye(code, clean_reason(reason)))
             self.wake.set()
             deadline = asyncio.get_running_loop().time() + 1.0
-            while self.queue and asyncio.get_running_loop().time() < deadline:
+            while (self.control or self.chunks or self.writing) and (
+                asyncio.get_running_loop().time() < deadline
+            ):
                 await asyncio.sleep(0.01)
         except P2PCastError:
             pass
@@ -225,64 +242,67 @@ class PeerLink:
 
     def send(self, data: bytes) -> None:
         if not self.closed:
-            self.queue.append(data)
+            self.control.append(data)
             self.wake.set()
 
     def send_chunk(self, image_id: bytes, index: int, body: Callable[[], FileSlice | None]) -> None:
         """Queue a chunk; ``body`` is called when its turn comes (None: send a Reject)."""
         if not self.closed:
-            self.queue.append((image_id, index, body))
+            self.chunks.append((image_id, index, body))
             self.chunks_pending += 1
             self.wake.set()
 
     def unqueue_chunk(self, image_id: bytes, index: int) -> bool:
-        for item in self.queue:
+        for item in self.chunks:
             if isinstance(item, tuple) and item[0] == image_id and item[1] == index:
-                self.queue.remove(item)
+                self.chunks.remove(item)
                 self.chunks_pending -= 1
                 return True
         return False
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
-                while not self.queue:
+                while not (self.control or self.chunks):
                     self.wake.clear()
                     await self.wake.wait()
-                # Coalesce small frames into one send.
-                small = []
-                while self.queue and isinstance(self.queue[0], bytes):
-                    item = self.queue.popleft()
-                    assert isinstance(item, bytes)
-                    small.append(item)
-                if small:
-                    await loop.sock_sendall(self.sock, b"".join(small))
-                    continue
-                entry = self.queue.popleft()
-                assert isinstance(entry, tuple)
-                image_id, index, body = entry
-                piece = body()
-                if piece is None:  # the image left the cache since the request
-                    reply = self.conn.reject(image_id, index, "no longer here")
-                    await loop.sock_sendall(self.sock, reply)
-                    self.chunks_pending -= 1
-                    continue
-                header, _ = self.conn.send_chunk(image_id, index, piece)
-                assert isinstance(header, bytes)
-                await loop.sock_sendall(self.sock, header)
-                if self.zero_copy:
-                    await self._sendfile(piece)
-                else:
-                    await loop.sock_sendall(self.sock, _read_slice(piece))
-                self.chunks_sent += 1
-                self.chunks_pending -= 1
+                self.writing = True  # close() waits for what is taken off the queues
+                await self._write_next()
+                self.writing = False
         except asyncio.CancelledError:
             raise
         except P2PCastError as exc:
             self.abort(exc)
         except OSError as exc:
             self.abort(PeerError(f"sending to {self.peer_node or self.address}: {exc}"))
+
+    async def _write_next(self) -> None:
+        """Send every queued small frame (coalesced), else the next chunk."""
+        loop = asyncio.get_running_loop()
+        if self.control:
+            small = list(self.control)
+            self.control.clear()
+            await loop.sock_sendall(self.sock, b"".join(small))
+            return
+        entry = self.chunks.popleft()
+        if isinstance(entry, bytes):  # the Goodbye, after every chunk
+            await loop.sock_sendall(self.sock, entry)
+            return
+        image_id, index, body = entry
+        piece = body()
+        if piece is None:  # the image left the cache since the request
+            await loop.sock_sendall(self.sock, self.conn.reject(image_id, index, "no longer here"))
+            self.chunks_pending -= 1
+            return
+        header, _ = self.conn.send_chunk(image_id, index, piece)
+        assert isinstance(header, bytes)
+        await loop.sock_sendall(self.sock, header)
+        if self.zero_copy:
+            await self._sendfile(piece)
+        else:
+            await loop.sock_sendall(self.sock, _read_slice(piece))
+        self.chunks_sent += 1
+        self.chunks_pending -= 1
 
     async def _sendfile(self, piece: FileSlice) -> None:
         offset, remaining = piece.offset, piece.length

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -153,6 +154,15 @@ def _throughput(cluster: Cluster, src: str, dst: str, nbytes: int = 5 * MB) -> f
             rx.stdout.close()
 
 
+def _class_sent(cluster: Cluster, node: str, classid: str) -> tuple[int, int]:
+    """(bytes, packets) sent by an htb class on NODE's upload (its eth0)."""
+    argv = ["tc", "-s", "class", "show", "dev", cl.NS_IFACE, "classid", classid]
+    shown = cluster.run(node, argv, capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Sent (\d+) bytes (\d+) pkt", shown)
+    assert match, shown
+    return int(match.group(1)), int(match.group(2))
+
+
 def test_up_connects_nodes_origin_and_host_then_down_removes_all(
     make_name: Callable[[str], tuple[str, str]],
 ) -> None:
@@ -216,8 +226,13 @@ def test_shaping_limits_the_rate(make_name: Callable[[str], tuple[str, str]]) ->
     name, subnet = make_name("b")
     with Cluster.up(2, "80mbit", name=name, subnet=subnet) as cluster:  # 10 MB/s
         rate = _throughput(cluster, "n1", "n2")
-    print(f"n1 -> n2 at 80mbit: {rate:.2f} MB/s")
+        acks = _class_sent(cluster, "n2", "1:10")  # n2's upload: the ACKs of the transfer
+        bulk = _class_sent(cluster, "n1", "1:20")  # n1's upload: the data
+    print(f"n1 -> n2 at 80mbit: {rate:.2f} MB/s; ack class {acks}, bulk class {bulk}")
     assert 6.0 <= rate <= 11.0
+    # The receiver's ACKs went through the small-packet class, not behind bulk data.
+    assert acks[1] > 100 and acks[0] / acks[1] < 128
+    assert bulk[0] >= 5 * MB
 
 
 def test_shaping_both_directions_of_a_slow_node(

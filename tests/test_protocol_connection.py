@@ -21,6 +21,7 @@ from p2pcast.protocol import (
     ChunkRequested,
     Done,
     FileSlice,
+    GoodbyeCode,
     Have,
     HaveReceived,
     Hello,
@@ -113,6 +114,15 @@ def test_both_sides_can_say_goodbye_and_late_bytes_are_ignored() -> None:
     assert pair.send(pair.down, bye_down) == []
     with pytest.raises(LocalProtocolError, match="after goodbye"):
         pair.down.goodbye(0, "")
+
+
+def test_goodbye_takes_a_goodbye_code() -> None:
+    # GoodbyeCode is an IntEnum; the message's field check wants a plain int.
+    # Before this was handled, every PeerLink.close() and every protocol-error
+    # Goodbye failed that check and the link closed without a word.
+    pair = ConnectionPair()
+    bye = pair.up.goodbye(GoodbyeCode.SHUTTING_DOWN, "daemon stopping")
+    assert pair.send(pair.up, bye) == [PeerClosed(1, "daemon stopping")]
 
 
 def test_reply_goodbye_after_peer_goodbye() -> None:

@@ -443,8 +443,13 @@ class PeerConnection:
         return self._send(m.Done(image_id))
 
     def goodbye(self, code: int, reason: str) -> bytes:
-        """Our last frame: allowed once, even after the peer's Goodbye or a ProtocolError."""
-        data = self._send(m.Goodbye(code, reason))
+        """Our last frame: allowed once, even after the peer's Goodbye or a ProtocolError.
+
+        ``code`` is usually a GoodbyeCode; the message's check wants a plain
+        int (an IntEnum member is not one), and a Goodbye that fails it was
+        never sent at all.
+        """
+        data = self._send(m.Goodbye(int(code), reason))
         self._goodbye_sent = True
         self._state = TRANSITIONS[self._state, _I.SEND_GOODBYE]
         return data
