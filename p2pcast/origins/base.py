@@ -155,6 +155,14 @@ def open_origin(url: str, config: OriginConfig | None = None) -> Origin:
     return cls.from_url(url, config)
 
 
+def names_image(text: str) -> bool:
+    """Whether TEXT is ``SCHEME://BUCKET/NAME...`` of a bucket scheme (not just an origin)."""
+    match = _URL.match(text)
+    if match is None or match.group(1).lower() not in BUCKET_SCHEMES:
+        return False
+    return urllib.parse.urlsplit(text).path.strip("/") != ""
+
+
 def split_image_url(text: str) -> tuple[str | None, ImageRef]:
     """``s3://BUCKET/NAME[:TAG]`` or ``rados://POOL/NAME[:TAG]`` -> (origin URL, ref).
 

@@ -94,7 +94,9 @@ class RadosOrigin(Origin):
             raise ConfigError(f"Ceph configuration {conf} does not exist")
         query = [(k, v) for k, v in (("conf", conf), ("id", rados_id), ("keyring", keyring)) if v]
         super().__init__(
-            urllib.parse.urlunsplit(("rados", pool, "", urllib.parse.urlencode(query), ""))
+            urllib.parse.urlunsplit(
+                ("rados", pool, "", urllib.parse.urlencode(query, safe=":/"), "")
+            )
         )
         self.pool = pool
         self.conf = conf

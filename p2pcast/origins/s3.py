@@ -125,6 +125,7 @@ class S3Origin(Origin):
         access_key: str | None = None,
         secret_key: str | None = None,
         rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not _BUCKET.fullmatch(bucket) or ".." in bucket:
             raise ConfigError(
@@ -140,7 +141,9 @@ class S3Origin(Origin):
         query = [("endpoint", e) for e in endpoints]
         query += [(k, v) for k, v in (("profile", profile), ("region", region)) if v]
         super().__init__(
-            urllib.parse.urlunsplit(("s3", bucket, "", urllib.parse.urlencode(query), ""))
+            urllib.parse.urlunsplit(
+                ("s3", bucket, "", urllib.parse.urlencode(query, safe=":/"), "")
+            )
         )
         self.bucket = bucket
         #: None: botocore's own choice (AWS_ENDPOINT_URL, the profile, or AWS)
@@ -149,6 +152,7 @@ class S3Origin(Origin):
         self.region = region
         self._keys = (access_key, secret_key) if access_key and secret_key else None
         self._rng = rng or random.Random()
+        self._sleep = sleep
         self._clients: list[Any] = []
         self._stack = contextlib.AsyncExitStack()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -360,24 +364,23 @@ class S3Origin(Origin):
                 # Every endpoint failed this round: back off (jittered, so that
                 # many nodes do not come back at the same instant).
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt // len(clients) - 1))
-                await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
-            index = self._current
-            endpoint = self.endpoints[index] or "the default S3 endpoint"
-            try:
-                async with self._slots, asyncio.timeout(REQUEST_TIMEOUT):
-                    return await self._translate(request(clients[index]), endpoint, what)
-            except _Retryable as exc:
-                failures.append(f"{endpoint}: {exc}")
-                self.retries += 1
-                if len(clients) > 1 and self._current == index:
-                    self._current = (index + 1) % len(clients)
-                    self.failovers += 1
-            except TimeoutError:
-                failures.append(f"{endpoint}: no answer within {REQUEST_TIMEOUT:g} s")
-                self.retries += 1
-                if len(clients) > 1 and self._current == index:
-                    self._current = (index + 1) % len(clients)
-                    self.failovers += 1
+                await self._sleep(delay * self._rng.uniform(0.5, 1.0))
+            async with self._slots:
+                # Chosen once a slot is free: a request that waited goes where the
+                # last failure pointed, not to the endpoint that just failed.
+                index = self._current
+                endpoint = self.endpoints[index] or "the default S3 endpoint"
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        return await self._translate(request(clients[index]), endpoint, what)
+                except _Retryable as exc:
+                    failures.append(f"{endpoint}: {exc}")
+                except TimeoutError:
+                    failures.append(f"{endpoint}: no answer within {REQUEST_TIMEOUT:g} s")
+            self.retries += 1
+            if len(clients) > 1 and self._current == index:
+                self._current = (index + 1) % len(clients)
+                self.failovers += 1
         raise OriginUnavailable(
             f"cannot read or write {what} at {self.url} after {len(failures)} attempts;"
             f" last: {failures[-1]}"
