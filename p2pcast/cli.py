@@ -455,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
     p.add_argument("--loop", choices=LOOPS, default="uvloop")
     p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")
+    p.add_argument(
+        "--ceph",
+        nargs="?",
+        const="s3",
+        choices=("s3", "rados"),
+        help="seed from a real Ceph (tools/ceph.py; needs root for its own address):"
+        " over S3 from radosgw (default) or RADOS",
+    )
     _common(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -31,13 +31,30 @@ def ceph_unavailable() -> str | None:
     return None
 
 
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the Ceph tests: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def ceph() -> Iterator[Ceph]:
+def librados() -> None:
+    """python3-rados imports: installed with Ceph (tools/setup.sh), so its absence
+    skips only where Ceph itself is absent; elsewhere it is a failure."""
+    try:
+        import rados  # noqa: F401
+    except ImportError as exc:
+        reason = ceph_unavailable()
+        if reason is None:
+            pytest.fail(f"Ceph is installed but python3-rados does not import: {exc}")
+        _skip_or_fail(reason)
+
+
+@pytest.fixture(scope="session")
+def ceph(librados: None) -> Iterator[Ceph]:
     reason = ceph_unavailable()
     if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Ceph tests: {reason}")
-        pytest.skip(reason)
+        _skip_or_fail(reason)
     # Instances of earlier runs that were killed before they could stop theirs.
     ceph_tool.reap_orphans(prefix="t")
     # Per run, so that a developer's own instance (and another run) is left alone.

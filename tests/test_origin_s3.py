@@ -5,8 +5,13 @@ source, failover, and bad input ending in clear p2pcast errors."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
 import random
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -401,3 +406,64 @@ def test_an_altered_manifest_and_a_garbage_tag_are_detected(ceph: Ceph, pushed: 
             await client.delete_object(Bucket=BUCKET, Key="manifests/by-id/" + "ab" * 16)
 
     asyncio.run(run())
+
+
+# -- the CLI ----------------------------------------------------------------------------
+
+
+def p2pcast(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pcast", *args], capture_output=True, text=True, timeout=120,
+        check=False, env={**os.environ, "P2PCAST_CONTROL": "/nonexistent/p2pcast.sock", **env},
+    )  # fmt: skip
+
+
+def test_cli_push_inspect_fetch_by_s3_image_url(ceph: Ceph, tmp_path: Path) -> None:
+    image = make_tar(tmp_path / "cli.tar", members=3, seed=13)
+    url = "s3://cli-bucket/hpc/cli:1"
+    env = ceph.env()  # AWS_* as `eval "$(tools/ceph.py env)"` sets them
+    pushed = p2pcast("push", str(image), url, "--chunk-size", "1M", "--json", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    info = json.loads(pushed.stdout)
+    assert (info["image"], info["origin"]) == ("hpc/cli:1", "s3://cli-bucket")
+    assert info["chunks_written"] == info["chunks"] > 3
+    shown = p2pcast("inspect", url, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    out = tmp_path / "copy.tar"
+    fetched = p2pcast(
+        "fetch", url, "--in-process", "--state-dir", str(tmp_path / "state"),
+        "--output", str(out), "--json", env=env,
+    )  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    assert out.read_bytes() == image.read_bytes()
+    assert json.loads(fetched.stdout)["from_origin"] > 0
+    # p2pcast's own settings only: endpoint option, keys from P2PCAST_S3_* variables.
+    own = {
+        "P2PCAST_S3_ACCESS_KEY_ID": ceph.access_key,
+        "P2PCAST_S3_SECRET_ACCESS_KEY": ceph.secret_key,
+    }
+    again = p2pcast("inspect", "hpc/cli:1", "--origin", "s3://cli-bucket",
+                    "--s3-endpoint", ceph.endpoint, env=own)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "sha256:" in again.stdout
+
+
+def test_cli_errors_are_one_line_with_the_user_error_exit_code(
+    ceph: Ceph, pushed: Manifest
+) -> None:
+    env = ceph.env()
+    cases = [
+        ("s3://cli-errors/hpc/nosuch", env, "bucket cli-errors does not exist"),
+        ("s3://origin-s3/hpc/nosuch", env, "image hpc/nosuch:latest not found in bucket"),
+        ("s3://origin-s3/x", {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, "refused the credentials"),
+        ("s3://origin-s3/x", {"P2PCAST_S3_ENDPOINTS": ceph.endpoint}, "no S3 credentials"),
+        ("s3://Bad_Bucket/x", env, "bad S3 bucket name"),
+    ]
+    for image, extra, why in cases:
+        shown = p2pcast("inspect", image, env=extra)
+        assert shown.returncode == 2, (image, shown.stderr)
+        [line] = shown.stderr.splitlines()
+        assert line.startswith("p2pcast: error: ") and why in line, (image, line)
+    clash = p2pcast("push", "x.tar", "s3://b/name:1", "--name", "other", env=env)
+    assert clash.returncode == 2 and "drop --name" in clash.stderr

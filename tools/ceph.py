@@ -410,6 +410,8 @@ class Ceph:
         rados = _librados()
         if address is None:
             address = DEFAULT_ADDRESS if os.geteuid() == 0 else DEFAULT_LOOPBACK
+        elif address == "auto":  # the first free one: beside other instances
+            address = free_address() if os.geteuid() == 0 else DEFAULT_LOOPBACK
         began = time.monotonic()
         with _locked():
             _teardown(name)
@@ -837,6 +839,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if len(running) == len(daemons) else 1
 
 
+def _cmd_counters(args: argparse.Namespace) -> int:
+    ceph = Ceph.attach(args.name)
+    gets, sent = ceph.rgw_reads()
+    osds = ceph.osd_reads()
+    counters = {
+        "rgw": {"get": gets, "get_b": sent},
+        "osd": {str(osd): {"op_r": ops, "op_out_bytes": read} for osd, (ops, read) in osds.items()},
+    }
+    if args.json:
+        print(json.dumps(counters, indent=2))
+        return 0
+    print(f"radosgw: {gets} GETs sent {sent} bytes")
+    for osd, (ops, read) in osds.items():
+        print(f"osd.{osd}: {ops} read ops returned {read} bytes")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     env = Ceph.attach(args.name).env()
     if args.json:
@@ -863,7 +882,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--address",
         default=None,
-        help=f"{DEFAULT_ADDRESS} as root (a /32 in {CEPH_SUBNET}), else {DEFAULT_LOOPBACK}",
+        help=f"{DEFAULT_ADDRESS} as root (a /32 in {CEPH_SUBNET}; 'auto': the first free"
+        f" one), else {DEFAULT_LOOPBACK}",
     )
     up.add_argument("--rgw-port", type=int, default=RGW_PORT)
     up.add_argument("--json", action="store_true", help="print the state (less the secret)")
@@ -873,6 +893,11 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="daemons and PIDs (exit 1: one died)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
+    counters = sub.add_parser(
+        "counters", parents=[common], help="reads served so far (radosgw and OSD perf counters)"
+    )
+    counters.add_argument("--json", action="store_true")
+    counters.set_defaults(func=_cmd_counters)
     env = sub.add_parser("env", parents=[common], help="print export lines (or --json)")
     env.add_argument("--json", action="store_true")
     env.set_defaults(func=_cmd_env)

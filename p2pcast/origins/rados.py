@@ -251,6 +251,9 @@ class RadosOrigin(Origin):
     def _connect(self, for_write: bool) -> tuple[Any, Any]:
         lib = self._lib
         conf = {
+            # connect(timeout=) alone does not bound the monitor hunt: it waited
+            # for ever on an address where nothing listened.
+            "client_mount_timeout": str(CONNECT_TIMEOUT),
             "rados_osd_op_timeout": str(OP_TIMEOUT),
             "rados_mon_op_timeout": str(OP_TIMEOUT),
         }
@@ -293,7 +296,8 @@ class RadosOrigin(Origin):
         if not rc:
             return b""  # the binding hands back an unshrunk buffer for an empty object
         # rc is the byte count; the binding shrinks the buffer to it (checked anyway).
-        return data if len(data) == rc else data[:rc]
+        out: bytes = data if len(data) == rc else data[:rc]
+        return out
 
     async def _stat(self, ioctx: Any, key: str) -> int:
         _, size = await self._aio(lambda done: ioctx.aio_stat(key, done), key)

@@ -256,17 +256,18 @@ class S3Origin(Origin):
     async def list_images(self) -> list[tuple[ImageRef, bytes]]:
         refs: list[ImageRef] = []
 
-        async def page(client: Any, token: str | None) -> dict[str, Any]:
+        token: str | None = None
+
+        async def page(client: Any) -> dict[str, Any]:
             extra = {"ContinuationToken": token} if token else {}
             reply: dict[str, Any] = await client.list_objects_v2(
                 Bucket=self.bucket, Prefix="tags/", **extra
             )
             return reply
 
-        token: str | None = None
         while True:
             try:
-                reply = await self._call(lambda c, t=token: page(c, t), "the image list")
+                reply = await self._call(page, "the image list")
             except _Absent as absent:
                 raise OriginError(self._absent("the image list", absent)) from None
             for item in reply.get("Contents", []):
