@@ -63,7 +63,7 @@ def ceph(librados: None) -> Iterator[Ceph]:
         address = ceph_tool.free_address(start=2 + os.getpid() % 200)
     else:
         address = f"127.77.{os.getpid() % 250}.1"
-    instance = Ceph.up(CEPH_OSDS, name=name, address=address)
+    instance = Ceph.up(CEPH_OSDS, name=name, address=address, owner=os.getpid())
     try:
         yield instance
     finally:

@@ -115,6 +115,7 @@ def test_cli_up_status_down_by_pid_and_down_again() -> None:
         status = json.loads(cli("status", "--name", name, "--json").stdout)
         pids = status["running"]
         assert sorted(pids) == ["client.rgw.gw", "mon.a", "osd.0"]
+        assert status["owner"] is None  # started by hand: no test run's orphan
     finally:
         down = cli("down", "--name", name)
     assert down.returncode == 0, down.stderr
@@ -141,9 +142,17 @@ def test_orphans_of_a_killed_run_are_reaped() -> None:
     ceph_tool.state_path(name).write_text(
         json.dumps({"name": name, "owner": dead.pid, "daemons": {}})
     )
-    assert ceph_tool.reap_orphans(prefix=name) == [name]
-    assert not ceph_tool.state_path(name).exists()
-    assert not (ceph_tool.STATE_DIR / name).exists()
+    ownerless = f"{name}x"  # started from the command line: lives until `down`
+    ceph_tool.state_path(ownerless).write_text(
+        json.dumps({"name": ownerless, "owner": None, "daemons": {}})
+    )
+    try:
+        assert ceph_tool.reap_orphans(prefix=name) == [name]
+        assert not ceph_tool.state_path(name).exists()
+        assert not (ceph_tool.STATE_DIR / name).exists()
+        assert ceph_tool.state_path(ownerless).exists()
+    finally:
+        ceph_tool.state_path(ownerless).unlink()
 
 
 def test_this_run_is_not_an_orphan(ceph: Ceph) -> None:

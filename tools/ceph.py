@@ -399,9 +399,12 @@ class Ceph:
         name: str = DEFAULT_NAME,
         address: str | None = None,
         rgw_port: int = RGW_PORT,
+        owner: int | None = None,
     ) -> Ceph:
         """Start an instance (replacing one of the same NAME) and return it once S3
-        answers and its user exists."""
+        answers and its user exists. OWNER: the PID of a process (a test run) whose
+        end makes the instance an orphan for reap_orphans; None: it lives until
+        `down`, as one started from the command line does."""
         _check_name(name)
         if not 1 <= osds <= MAX_OSDS:
             raise CephError(f"OSD count {osds} out of range 1..{MAX_OSDS}")
@@ -427,7 +430,7 @@ class Ceph:
                 "access_key": "P2P" + secrets.token_hex(8).upper(),
                 "secret_key": secrets.token_urlsafe(30),
                 "pool": RADOS_POOL,
-                "owner": os.getpid(),
+                "owner": owner,
                 "interface": None,
                 "daemons": {},
                 "timings": {},
@@ -782,16 +785,17 @@ def _links() -> list[str]:
 
 
 def reap_orphans(prefix: str) -> list[str]:
-    """Take down instances named PREFIX... whose creating process is gone (a test
-    run killed before its fixture could stop them). Returns their names."""
+    """Take down instances named PREFIX... whose owner process is gone (a test run
+    killed before its fixture could stop them); never one without an owner.
+    Returns their names."""
     reaped = []
     for path in sorted(STATE_DIR.glob(f"{prefix}*.json")) if STATE_DIR.is_dir() else []:
         name = path.stem
         state = _read_state(name) if _NAME_RE.fullmatch(name) else None
         if state is None:
             continue
-        owner = int(state.get("owner", 0))
-        if owner and _proc_start(owner) is None:
+        owner = state.get("owner")
+        if isinstance(owner, int) and _proc_start(owner) is None:
             with _locked():
                 _teardown(name)
             reaped.append(name)
