@@ -14,9 +14,7 @@ import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-from p2pcast import manifest as manifest_mod
 from p2pcast.daemon import Daemon, DaemonConfig
 from p2pcast.manifest import Manifest
 from p2pcast.names import ImageRef
@@ -168,15 +166,3 @@ def overwrite(ceph: Ceph, pool: str, obj: str, data: bytes) -> None:
             ioctx.write(obj, data, 0)
     finally:
         cluster.shutdown()
-
-
-def manifest_of(data: bytes) -> Manifest:
-    return manifest_mod.decode(data)
-
-
-def chunk_keys(m: Manifest) -> list[str]:
-    return [c.key for c in m.chunks()]
-
-
-def unused(*_: Any) -> None:
-    """Nothing: a progress callback for calls that want one."""

@@ -84,6 +84,8 @@ MEMSTORE_BYTES = 4 << 30
 RADOS_POOL = "p2pcast"
 #: RGW's bucket data pool, made before RGW starts so it gets DATA_PG_NUM PGs.
 RGW_DATA_POOL = "default.rgw.buckets.data"
+#: RGW's control objects (notify.N), which every radosgw watches.
+RGW_CONTROL_POOL = "default.rgw.control"
 S3_USER = "p2pcast"
 RGW_NAME = "gw"
 START_TIMEOUT = 60.0
@@ -512,7 +514,8 @@ class Ceph:
     # -- faults and counters (tests) -------------------------------------------------
 
     def stop_rgw(self) -> None:
-        """SIGKILL radosgw (a crash, as tests want it); start it with start_rgw."""
+        """SIGKILL radosgw (a crash, as tests want it), then fence it as an operator
+        would; start it again with start_rgw."""
         with _locked():
             state = _read_state(self.name) or self.state
             rec = state["daemons"].pop(f"client.rgw.{RGW_NAME}", None)
@@ -520,8 +523,33 @@ class Ceph:
                 stuck = _kill({rec["pid"]: rec["start"]})
                 if stuck:
                     raise CephError(f"radosgw {stuck} would not die")
+                self._fence_dead_watchers()
             _write_state(state)
             self.state = state
+
+    def _fence_dead_watchers(self) -> None:
+        """Blocklist the clients still watching radosgw's control objects (only the
+        killed radosgw, as no other runs). Otherwise the OSDs keep its watches for
+        osd_client_watch_timeout (30 s), and every metadata change the next radosgw
+        makes (a bucket created) waits that long for the dead one's acknowledgement:
+        measured, a push to a new bucket after a restart took 28 s instead of 1."""
+        cluster = self.rados()
+        try:
+            with cluster.open_ioctx(RGW_CONTROL_POOL) as ioctx:
+                names = [str(o.key) for o in ioctx.list_objects()]
+            watchers = set()
+            for name in names:
+                argv = [_tool("rados"), "-c", str(self.conf), "-p", RGW_CONTROL_POOL,
+                        "listwatchers", name]  # fmt: skip
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+                watchers |= set(re.findall(r"watcher=(\S+)", out.stdout))
+            for addr in sorted(watchers):
+                command = {"prefix": "osd blocklist", "blocklistop": "add", "addr": addr}
+                rc, _, err = cluster.mon_command(json.dumps(command), b"", timeout=30)
+                if rc != 0:
+                    raise CephError(f"osd blocklist add {addr}: {err}")
+        finally:
+            cluster.shutdown()
 
     def start_rgw(self) -> None:
         """Start radosgw again and wait until S3 answers."""
