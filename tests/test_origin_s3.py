@@ -12,6 +12,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -467,3 +468,45 @@ def test_cli_errors_are_one_line_with_the_user_error_exit_code(
         assert line.startswith("p2pcast: error: ") and why in line, (image, line)
     clash = p2pcast("push", "x.tar", "s3://b/name:1", "--name", "other", env=env)
     assert clash.returncode == 2 and "drop --name" in clash.stderr
+
+
+def test_a_web_server_that_is_not_s3_gives_origin_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a wrong endpoint answers ends in p2pcast's errors, not botocore's."""
+    monkeypatch.setattr(s3_module, "RETRY_ROUNDS", 2)
+    monkeypatch.setattr(s3_module, "BACKOFF_FIRST", 0.01)
+    root = tmp_path / "www"
+    (root / "images" / "tags" / "hpc" / "x").mkdir(parents=True)
+    (root / "images" / "tags" / "hpc" / "x" / "1").write_text("<html>not a tag</html>")
+    port = closed_port("127.0.0.1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
+         "--directory", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):  # up in well under a second
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.02)
+        config = OriginConfig(
+            s3_endpoints=(f"http://127.0.0.1:{port}",), s3_access_key="AK", s3_secret_key="SK"
+        )
+
+        async def run() -> None:
+            async with S3Origin.from_url("s3://images", config) as origin:
+                with pytest.raises(OriginError, match="not an image id"):
+                    await origin.get_manifest(ImageRef("hpc/x", "1"))
+                with pytest.raises(ImageNotFound):  # a plain 404
+                    await origin.get_manifest(ImageRef("hpc/y", "1"))
+                # A directory listing (200, HTML) where S3 sends XML: botocore takes
+                # it for a failed request (500), so it is retried, then given up.
+                with pytest.raises(OriginUnavailable, match="after 2 attempts"):
+                    await origin.list_images()
+
+        asyncio.run(run())
+    finally:
+        server.terminate()
+        server.wait()

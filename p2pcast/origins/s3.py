@@ -49,6 +49,7 @@ from p2pcast.errors import (
     ManifestCorrupt,
     OriginError,
     OriginUnavailable,
+    P2PCastError,
 )
 from p2pcast.manifest import ChunkRef
 from p2pcast.names import ImageRef
@@ -79,6 +80,9 @@ REQUEST_TIMEOUT = 60.0
 
 #: A tag object holds 32 hex digits and a newline.
 MAX_TAG_BYTES = 64
+
+#: Read size for a body without a Content-Length (never sent by S3 for GET).
+_PIECE = 1 << 20
 
 #: RGW's default region name is accepted by any zonegroup; S3 wants one to sign.
 DEFAULT_REGION = "us-east-1"
@@ -247,7 +251,8 @@ class S3Origin(Origin):
                 if _status(exc) == 404:  # HEAD has no body: key and bucket look alike
                     return None
                 raise
-            return int(reply["ContentLength"])
+            size = reply.get("ContentLength")
+            return size if isinstance(size, int) else None
 
         # Content-addressed: the size is the cheap check left (a short object
         # from an interrupted upload elsewhere is written again).
@@ -271,7 +276,7 @@ class S3Origin(Origin):
             except _Absent as absent:
                 raise OriginError(self._absent("the image list", absent)) from None
             for item in reply.get("Contents", []):
-                name, _, tag = str(item["Key"]).removeprefix("tags/").rpartition("/")
+                name, _, tag = str(item.get("Key", "")).removeprefix("tags/").rpartition("/")
                 try:
                     refs.append(ImageRef(name, tag))
                 except BadImageName:
@@ -339,19 +344,31 @@ class S3Origin(Origin):
     async def _get(self, key: str, limit: int, what: str, exact: bool = False) -> bytes:
         """A whole object of at most LIMIT bytes (exactly LIMIT if EXACT: a chunk)."""
 
+        def wrong_size(size: int) -> P2PCastError:
+            return (ChunkCorrupt if exact else OriginError)(
+                f"{what} at {self.url} is {size} bytes, "
+                + (f"the manifest says {limit}" if exact else f"at most {limit} belong")
+            )
+
         async def get(client: Any) -> bytes:
             reply = await client.get_object(Bucket=self.bucket, Key=key)
             async with reply["Body"] as body:
-                size = int(reply["ContentLength"])
-                if (size != limit) if exact else (size > limit):
-                    raise (ChunkCorrupt if exact else OriginError)(
-                        f"{what} at {self.url} is {size} bytes, "
-                        + (f"the manifest says {limit}" if exact else f"at most {limit} belong")
-                    )
-                data: bytes = await body.read()
+                size = reply.get("ContentLength")
+                if not isinstance(size, int):
+                    # No length announced (not S3's way): read no more than allowed.
+                    data = bytearray()
+                    while len(data) <= limit and (piece := await body.read(_PIECE)):
+                        data += piece
+                    size = len(data)
+                elif (size != limit) if exact else (size > limit):
+                    raise wrong_size(size)
+                else:
+                    data = await body.read()  # botocore checks it against the length
+            if (len(data) != limit) if exact else (len(data) > limit):
+                raise wrong_size(len(data))
             if len(data) != size:
                 raise _Retryable(f"{what}: {len(data)} of {size} bytes arrived")
-            return data
+            return bytes(data)
 
         return await self._call(get, what)
 
@@ -426,6 +443,14 @@ class S3Origin(Origin):
             raise _Retryable(str(exc) or type(exc).__name__) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise OriginError(f"S3 request for {what} to {endpoint} failed: {exc}") from exc
+        except (P2PCastError, _Absent, _Retryable):
+            raise
+        except Exception as exc:
+            # An answer botocore could not parse (ResponseParserError is no
+            # BotoCoreError), from something that is not S3: not retried.
+            raise OriginError(
+                f"{endpoint} gave no usable S3 answer for {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def _open(self) -> list[Any]:
         """The clients, one per endpoint, made on first use in this event loop."""
