@@ -239,3 +239,19 @@ def test_rot_and_wrong_sizes_are_caught(ceph: Ceph, pushed: Manifest, tmp_path: 
             assert await origin.get_chunk(short) != b"x" * 10
 
     asyncio.run(run())
+
+
+def test_ceph_conf_from_the_environment_as_librados_finds_it(
+    ceph: Ceph, pushed: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CEPH_CONF", str(ceph.conf))
+
+    async def run() -> bytes:
+        async with open_origin(f"rados://{ceph.pool}") as origin:  # no conf, no user
+            return await origin.get_manifest(ImageRef("hpc/rapp", "1.0"))
+
+    assert asyncio.run(run()) == pushed.encode()
+    monkeypatch.delenv("CEPH_CONF")
+    with pytest.raises(ConfigError, match=r"from CEPH_CONF or /etc/ceph/ceph\.conf") as caught:
+        asyncio.run(run())
+    assert "--rados-conf" in str(caught.value)

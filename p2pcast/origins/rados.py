@@ -263,7 +263,11 @@ class RadosOrigin(Origin):
         try:
             cluster = lib.Rados(conffile=self.conf or "", rados_id=self.rados_id, conf=conf)
         except lib.Error as exc:
-            raise ConfigError(f"cannot read the Ceph configuration for {self.url}: {exc}") from exc
+            where = self.conf or "CEPH_CONF or /etc/ceph/ceph.conf"
+            raise ConfigError(
+                f"cannot read the Ceph configuration for {self.url} from {where} ({exc}):"
+                " name one with --rados-conf, P2PCAST_RADOS_CONF, ?conf= or CEPH_CONF"
+            ) from exc
         try:
             cluster.connect(timeout=CONNECT_TIMEOUT)
         except lib.Error as exc:

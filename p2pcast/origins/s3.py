@@ -163,7 +163,6 @@ class S3Origin(Origin):
         self._opening: asyncio.Lock | None = None
         self._slots: asyncio.Semaphore | None = None
         self._current = 0  # the endpoint that answered last
-        self._bucket_made = False
         self._key_id: str | None = None  # for messages: which key a refusal was about
         #: attempts that failed and were retried; switches to another endpoint
         self.retries = 0
@@ -337,7 +336,6 @@ class S3Origin(Origin):
             await self._call(create, f"bucket {self.bucket}")
         except _Absent:
             raise OriginError(f"cannot create bucket {self.bucket} at {self.url}") from None
-        self._bucket_made = True
 
     # -- requests, retries and failover ------------------------------------------
 
