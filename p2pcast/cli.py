@@ -110,10 +110,9 @@ def origin_config(args: argparse.Namespace) -> OriginConfig:
 
 
 def _image_and_origin(text: str, origin: str | None) -> tuple[ImageRef, str | None]:
-    """NAME[:TAG] with --origin, or s3://BUCKET/NAME[:TAG] / rados://POOL/NAME[:TAG]."""
+    """NAME[:TAG] with --origin, or s3://BUCKET/NAME[:TAG] / rados://POOL/NAME[:TAG],
+    whose origin wins (over a default origin from P2PCAST_ORIGIN too)."""
     url, ref = split_image_url(text)
-    if url is not None and origin and origin != url:
-        raise ConfigError(f"{text!r} names its origin; drop --origin {origin}")
     return ref, url or origin
 
 
