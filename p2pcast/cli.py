@@ -20,7 +20,8 @@ from typing import Any
 from p2pcast import __version__, control, hostlists, limits
 from p2pcast import manifest as manifest_mod
 from p2pcast.errors import BadHostlist, ConfigError, DaemonUnavailable, P2PCastError
-from p2pcast.names import default_name_for, parse_image_ref
+from p2pcast.names import ImageRef, default_name_for, parse_image_ref
+from p2pcast.origins.base import OriginConfig, names_image, split_image_url
 
 LOOPS = ("uvloop", "asyncio")
 
@@ -85,6 +86,36 @@ def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
         print(text)
 
 
+def origin_config(args: argparse.Namespace) -> OriginConfig:
+    """p2pcast's own settings for S3 and RADOS origins: options, then P2PCAST_* variables.
+
+    The S3 keys come only from the environment (P2PCAST_S3_ACCESS_KEY_ID,
+    P2PCAST_S3_SECRET_ACCESS_KEY), never from options, which ``ps`` shows; unset,
+    botocore's own AWS_* variables and files apply.
+    """
+    env = os.environ.get
+    endpoints = args.s3_endpoint or [
+        e.strip() for e in env("P2PCAST_S3_ENDPOINTS", "").split(",") if e.strip()
+    ]
+    return OriginConfig(
+        s3_endpoints=tuple(endpoints),
+        s3_profile=args.s3_profile,
+        s3_region=args.s3_region,
+        s3_access_key=env("P2PCAST_S3_ACCESS_KEY_ID") or None,
+        s3_secret_key=env("P2PCAST_S3_SECRET_ACCESS_KEY") or None,
+        rados_conf=args.rados_conf,
+        rados_id=args.rados_id,
+        rados_keyring=args.rados_keyring,
+    )
+
+
+def _image_and_origin(text: str, origin: str | None) -> tuple[ImageRef, str | None]:
+    """NAME[:TAG] with --origin, or s3://BUCKET/NAME[:TAG] / rados://POOL/NAME[:TAG],
+    whose origin wins (over a default origin from P2PCAST_ORIGIN too)."""
+    url, ref = split_image_url(text)
+    return ref, url or origin
+
+
 # ---- commands ------------------------------------------------------------------
 
 
@@ -92,11 +123,18 @@ def cmd_push(args: argparse.Namespace) -> int:
     from p2pcast.origins.base import open_origin
     from p2pcast.publish import push
 
-    ref = parse_image_ref(args.name or default_name_for(args.image))
+    dest: str | None = args.dest
+    if names_image(args.dest):  # s3://BUCKET/NAME[:TAG]
+        if args.name:
+            raise ConfigError(f"{args.dest!r} names the image already; drop --name {args.name}")
+        dest, ref = split_image_url(args.dest)
+    else:
+        ref = parse_image_ref(args.name or default_name_for(args.image))
+    assert dest is not None
     bar = Progress(f"push {ref}", not args.json)
 
     async def go() -> dict[str, Any]:
-        async with open_origin(args.dest) as origin:
+        async with open_origin(dest, origin_config(args)) as origin:
             result = await push(
                 args.image, origin, ref, chunk_size=args.chunk_size, progress=bar.update
             )
@@ -104,7 +142,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         return {
             "image": str(ref),
             "image_id": result.image_id.hex(),
-            "origin": args.dest,
+            "origin": dest,
             "size": m.size,
             "stored": m.stored_total,
             "chunks": m.chunk_count,
@@ -131,12 +169,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     async def go() -> bytes:
         if os.path.isfile(args.image):
             return Path(args.image).read_bytes()
-        if not args.origin:
+        ref, url = _image_and_origin(args.image, args.origin)
+        if not url:
             raise ConfigError("inspect needs --origin (or a manifest file)")
         from p2pcast.origins.base import open_origin
 
-        async with open_origin(args.origin) as origin:
-            return await origin.get_manifest(parse_image_ref(args.image))
+        async with open_origin(url, origin_config(args)) as origin:
+            return await origin.get_manifest(ref)
 
     m = manifest_mod.decode(run(go()))
     info = m.to_dict()
@@ -163,7 +202,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _fetch_request(args: argparse.Namespace) -> dict[str, Any]:
-    parse_image_ref(args.image)  # bad names fail here, before any network
+    # Bad names fail here, before any network.
+    ref, args.origin = _image_and_origin(args.image, args.origin)
+    args.image = str(ref)
     peers = args.peers or args.node
     names = hostlists.expand(peers) if peers else None
     if args.rank is not None:
@@ -211,6 +252,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             state_dir=state,
             control_socket=str(state / "fetch.sock"),
             origin=args.origin,
+            origin_config=origin_config(args),
             options=BroadcastOptions(peer_timeout=args.peer_timeout),
         )
         daemon = Daemon(config)
@@ -274,6 +316,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         control_socket=args.control,
         origin=args.origin,
+        origin_config=origin_config(args),
         zero_copy=not args.no_sendfile,
         options=BroadcastOptions(peer_timeout=args.peer_timeout),
     )
@@ -343,23 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("push", help="publish an image file to an origin")
     p.add_argument("image", help="SquashFS, tar, tar.gz or tar.zst file")
-    p.add_argument("dest", help="origin: a directory path or file:///...")
+    p.add_argument(
+        "dest",
+        help="origin: a directory, file:///..., s3://BUCKET or rados://POOL"
+        " (s3://BUCKET/NAME[:TAG] names the image too)",
+    )
     p.add_argument("--name", help="NAME[:TAG] (default: from the file name, tag latest)")
     p.add_argument(
         "--chunk-size", type=parse_size, default=limits.DEFAULT_CHUNK_SIZE, help="e.g. 4M"
     )
+    _origin_args(p)
     _common(p)
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("inspect", help="print an image's manifest")
-    p.add_argument("image", help="NAME[:TAG] at --origin, or a manifest file")
+    p.add_argument(
+        "image", help="NAME[:TAG] at --origin, s3://BUCKET/NAME[:TAG], or a manifest file"
+    )
     p.add_argument("--origin", default=env("P2PCAST_ORIGIN"))
     p.add_argument("--chunks", action="store_true", help="list every chunk")
+    _origin_args(p)
     _common(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("fetch", help="join a broadcast and get an image")
-    p.add_argument("image", help="NAME[:TAG]")
+    p.add_argument("image", help="NAME[:TAG], or s3://BUCKET/NAME[:TAG] / rados://POOL/...")
     p.add_argument("--origin", default=env("P2PCAST_ORIGIN"))
     p.add_argument("--peers", help="hostlist of all nodes, e.g. n[1-16] (default: this node)")
     p.add_argument("--node", help="this node's name in the hostlist")
@@ -375,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="0.0.0.0", help="in-process: address to serve peers on")
     p.add_argument("--state-dir", default=env("P2PCAST_STATE_DIR", "/var/tmp/p2pcast-fetch"))
     p.add_argument("--loop", choices=LOOPS, default="uvloop")
+    _origin_args(p)
     _common(p)
     p.set_defaults(func=cmd_fetch)
 
@@ -402,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
     p.add_argument("--loop", choices=LOOPS, default="uvloop")
     p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")
+    p.add_argument(
+        "--ceph",
+        nargs="?",
+        const="s3",
+        choices=("s3", "rados"),
+        help="seed from a real Ceph (tools/ceph.py; needs root for its own address):"
+        " over S3 from radosgw (default) or RADOS",
+    )
     _common(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -420,8 +480,31 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=float, default=30.0)
     p.add_argument("--loop", choices=LOOPS, default=env("P2PCAST_LOOP", "uvloop"))
     p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")
+    _origin_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(json=False)
+
+
+def _origin_args(p: argparse.ArgumentParser) -> None:
+    """Settings of S3 and RADOS origins (see origin_config; keys only from the environment)."""
+    env = os.environ.get
+    g = p.add_argument_group("S3 and RADOS origins")
+    g.add_argument(
+        "--s3-endpoint",
+        action="append",
+        metavar="URL",
+        help="an RGW endpoint, e.g. http://rgw1:7480; repeat for failover"
+        " (default: P2PCAST_S3_ENDPOINTS, comma-separated, else AWS_ENDPOINT_URL)",
+    )
+    g.add_argument("--s3-profile", default=env("P2PCAST_S3_PROFILE"), help="AWS profile")
+    g.add_argument("--s3-region", default=env("P2PCAST_S3_REGION"))
+    g.add_argument(
+        "--rados-conf", default=env("P2PCAST_RADOS_CONF"), help="ceph.conf (default: CEPH_CONF)"
+    )
+    g.add_argument(
+        "--rados-id", default=env("P2PCAST_RADOS_ID"), help="cephx user (default: admin)"
+    )
+    g.add_argument("--rados-keyring", default=env("P2PCAST_RADOS_KEYRING"))
 
 
 def _guard(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

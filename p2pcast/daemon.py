@@ -24,9 +24,8 @@ from typing import Any
 from p2pcast import control, hostlists
 from p2pcast import manifest as manifest_mod
 from p2pcast.errors import ConfigError, InternalError, P2PCastError, ProtocolError, UserError
-from p2pcast.names import parse_image_ref
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
-from p2pcast.origins.base import Origin, open_origin
+from p2pcast.origins.base import Origin, OriginConfig, open_origin, split_image_url
 from p2pcast.store import NodeCache
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,8 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/p2pcast")
     control_socket: str = control.DEFAULT_SOCKET
     origin: str | None = None
+    #: settings of S3 and RADOS origins (endpoints, profile, ceph.conf, user)
+    origin_config: OriginConfig = dataclasses.field(default_factory=OriginConfig)
     zero_copy: bool = True
     options: BroadcastOptions = dataclasses.field(default_factory=BroadcastOptions)
 
@@ -231,14 +232,15 @@ class Daemon:
         if not url:
             raise ConfigError("no origin given and the daemon has no default origin")
         if url not in self.origins:
-            self.origins[url] = open_origin(url)
+            self.origins[url] = open_origin(url, self.config.origin_config)
         return self.origins[url]
 
     async def fetch(self, body: dict[str, Any]) -> Broadcast:
         """Start (or join) the broadcast of an image to a set of peers."""
         requested_at = time.time()
-        ref = parse_image_ref(str(body.get("image", "")))
-        origin = self.origin(body.get("origin"))
+        # "s3://BUCKET/NAME[:TAG]" names its origin; a plain NAME[:TAG] uses "origin".
+        named_origin, ref = split_image_url(str(body.get("image", "")))
+        origin = self.origin(named_origin or body.get("origin"))
         names = hostlists.expand(str(body.get("peers") or self.config.node))
         node = str(body.get("node") or self.config.node)
         rank = hostlists.rank_of(names, node)

@@ -4,6 +4,12 @@ Pushes an image (generated, or given) to a directory origin, starts N daemon
 processes on 127.0.0.2..N+1, broadcasts, checks every copy against the
 manifest's sha256, stages one copy, and compares with the naive way (every
 node reading the whole image from the origin).
+
+With ``--ceph`` (``--ceph rados``) the origin is a real single-node Ceph
+started by tools/ceph.py (or the one already up under its default name), read
+over S3 from radosgw (or from the OSDs over librados), and the report adds
+what Ceph itself counted it served. That needs a source checkout (tools/) and
+the Ceph packages (tools/setup.sh); the default demo needs neither.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ from typing import Any
 
 from p2pcast import control, manifest
 from p2pcast.cli import Progress, human, run
-from p2pcast.errors import DaemonUnavailable, ImageDigestMismatch, StageError
+from p2pcast.errors import ConfigError, DaemonUnavailable, ImageDigestMismatch, StageError
 from p2pcast.hashing import file_sha256
 from p2pcast.names import ImageRef
-from p2pcast.origins.directory import DirectoryOrigin
+from p2pcast.origins.base import OriginConfig, open_origin
 from p2pcast.publish import push
 
 #: How long daemons get to start answering on their control sockets (s).
@@ -40,6 +46,15 @@ DAEMON_START_TIMEOUT = 20.0
 MEMBER_SIZE = 4 << 20
 
 OS_RELEASE = b'PRETTY_NAME="p2pcast demo image"\nID=p2pcast-demo\n'
+
+#: tools/ceph.py in a source checkout (the demo's Ceph; not in a wheel).
+CEPH_TOOL = Path(__file__).resolve().parent.parent / "tools" / "ceph.py"
+#: The instance `tools/ceph.py up` makes by default: used if it is up
+#: (P2PCAST_CEPH_NAME names another).
+CEPH_DEFAULT_INSTANCE = "p2pc"
+#: The instance the demo starts (and stops) when no default one is up.
+CEPH_DEMO_INSTANCE = "demo"
+CEPH_BUCKET = "p2pcast-demo"
 
 
 def make_image(path: Path, size: int, seed: int = 7) -> None:
@@ -75,8 +90,17 @@ def free_port(host: str) -> int:
 class DemoCluster:
     """N daemon processes on 127.0.0.2..; stopped by PID."""
 
-    def __init__(self, work: Path, nodes: int, origin: Path, loop: str, sendfile: bool) -> None:
+    def __init__(
+        self,
+        work: Path,
+        nodes: int,
+        origin: Path | str,
+        loop: str,
+        sendfile: bool,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.work = work
+        self.env = {**os.environ, **(env or {})}  # e.g. Ceph's endpoint and keys
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
         self.hosts = {name: f"127.0.0.{i + 1}" for i, name in enumerate(self.names, start=1)}
         self.port = free_port("127.0.0.2")
@@ -101,7 +125,9 @@ class DemoCluster:
             if not self.sendfile:
                 cmd.append("--no-sendfile")
             log = open(state / "daemon.log", "wb")  # noqa: SIM115 - the child keeps it
-            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
             log.close()
 
     async def wait_ready(self) -> None:
@@ -176,6 +202,71 @@ def _scratch(needed: int) -> Path:
     return Path(tempfile.mkdtemp(prefix="p2pcast-demo-"))
 
 
+class DemoCeph:
+    """The Ceph behind ``demo --ceph``, driven through tools/ceph.py's CLI (the
+    library does not import tools/). Stopped afterwards only if the demo started it."""
+
+    def __init__(self, say: Any) -> None:
+        if not CEPH_TOOL.is_file():
+            raise ConfigError(f"demo --ceph needs a source checkout: {CEPH_TOOL} is missing")
+        self.started = False
+        self.name = os.environ.get("P2PCAST_CEPH_NAME", CEPH_DEFAULT_INSTANCE)
+        self.env = self._env()
+        if self.env is None:
+            self.name = CEPH_DEMO_INSTANCE
+            t0 = time.monotonic()
+            # A free address of its own: an instance started later by hand keeps its default.
+            self._tool("up", "--address", "auto")
+            self.started = True
+            self.env = self._env()
+            assert self.env is not None
+            say(f"started Ceph ({self.name}) in {time.monotonic() - t0:.1f} s, S3 at "
+                f"{self.env['AWS_ENDPOINT_URL']}")  # fmt: skip
+        else:
+            say(f"using the running Ceph {self.name}, S3 at {self.env['AWS_ENDPOINT_URL']}")
+
+    def _tool(self, *args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, str(CEPH_TOOL), *args, "--name", self.name],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        if proc.returncode != 0 and args[0] not in ("env", "status"):
+            raise ConfigError(f"tools/ceph.py {args[0]}: {proc.stderr.strip()}")
+        return proc
+
+    def _env(self) -> dict[str, str] | None:
+        if self._tool("status").returncode != 0:
+            return None
+        env: dict[str, str] = json.loads(self._tool("env", "--json").stdout)
+        return env
+
+    def origin(self, kind: str) -> tuple[str, OriginConfig]:
+        assert self.env is not None
+        if kind == "rados":
+            return "rados://p2pcast", OriginConfig(rados_conf=self.env["CEPH_CONF"])
+        return f"s3://{CEPH_BUCKET}", OriginConfig(
+            s3_endpoints=(self.env["AWS_ENDPOINT_URL"],),
+            s3_access_key=self.env["AWS_ACCESS_KEY_ID"],
+            s3_secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def counters(self) -> dict[str, Any]:
+        """What Ceph has served so far, by its own perf counters."""
+        counted: dict[str, Any] = json.loads(self._tool("counters", "--json").stdout)
+        return counted
+
+    def stop(self) -> None:
+        if self.started:
+            self._tool("down")
+
+
+def _ceph_served(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    osd = sum(v["op_out_bytes"] for v in after["osd"].values()) - sum(
+        v["op_out_bytes"] for v in before["osd"].values()
+    )
+    return {"rgw_bytes": after["rgw"]["get_b"] - before["rgw"]["get_b"], "osd_bytes": osd}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     size = os.path.getsize(args.image) if args.image else args.size
     # the image, the origin, N caches and one staged copy
@@ -183,34 +274,45 @@ def run_demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.json else print
     cluster: DemoCluster | None = None
+    ceph: DemoCeph | None = None
     try:
         image = Path(args.image) if args.image else work / "demo-image.tar"
         if not args.image:
             say(f"generating a {human(args.size)} tar image in {image} ...")
             make_image(image, args.size)
-        origin_dir = work / "origin"
+        origin_url, origin_config = str(work / "origin"), OriginConfig()
+        if args.ceph:
+            ceph = DemoCeph(say)
+            origin_url, origin_config = ceph.origin(args.ceph)
         ref = ImageRef("demo", "latest")
 
         async def publish() -> manifest.Manifest:
-            async with DirectoryOrigin(str(origin_dir)) as origin:
+            async with open_origin(origin_url, origin_config) as origin:
                 return (await push(str(image), origin, ref, chunk_size=args.chunk_size)).manifest
 
         m = run(publish())
         say(
             f"pushed {ref}: {m.image_type}, {human(m.size)}, {m.chunk_count} chunks "
-            f"({human(m.stored_total)} stored) to {origin_dir}"
+            f"({human(m.stored_total)} stored) to {origin_url}"
         )
-        cluster = DemoCluster(work, args.nodes, origin_dir, args.loop, not args.no_sendfile)
+        cluster = DemoCluster(
+            work, args.nodes, origin_url, args.loop, not args.no_sendfile,
+            env=ceph.env if ceph else None,
+        )  # fmt: skip
         cluster.start()
         run(cluster.wait_ready())
         say(f"started {args.nodes} daemons on 127.0.0.2-{args.nodes + 1}:{cluster.port}")
 
+        # Ceph's counters before, between and after the two ways.
+        counted: list[dict[str, Any]] = [ceph.counters()] if ceph else []
         cpu0 = _cpu(cluster)
         t0 = time.monotonic()
         results = run(broadcast(cluster, ref, cluster.names, Progress("p2pcast", not args.json)))
         p2p_wall = time.monotonic() - t0
         p2p_cpu = _cpu(cluster) - cpu0
         say("")
+        if ceph:
+            counted.append(ceph.counters())
 
         # Check every copy ourselves, independently of the daemons' checks.
         want = m.sha256.hex()
@@ -243,6 +345,15 @@ def run_demo(args: argparse.Namespace) -> int:
         say("")
 
         report = _report(m, results, naive, p2p_wall, naive_wall, p2p_cpu, naive_cpu, staged)
+        if ceph:
+            # By Ceph's own counters: radosgw's bytes sent, or the OSDs' bytes read.
+            counted.append(ceph.counters())
+            key = "osd_bytes" if args.ceph == "rados" else "rgw_bytes"
+            for side, index in (("p2pcast", 0), ("naive", 1)):
+                served = _ceph_served(counted[index], counted[index + 1])
+                report[side]["ceph_served"] = served[key]
+                report[side]["ceph_served_per_image"] = round(served[key] / m.stored_total, 3)
+            report["origin"] = origin_url
         if args.json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:
@@ -253,6 +364,8 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if cluster is not None:
             cluster.stop()
+        if ceph is not None:
+            ceph.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -349,6 +462,11 @@ def _print_report(r: dict[str, Any]) -> None:
             f"{human(s['origin_bytes'])} ({s['origin_reads_per_image']:.2f} x image), "
             f"CPU {s['cpu_seconds']:.1f} s ({s['cpu_cores_busy']:.2f} cores busy of {r['cpus']})"
         )
+        if "ceph_served" in s:
+            print(
+                f"         Ceph's own counters ({r['origin']}): served "
+                f"{human(s['ceph_served'])} ({s['ceph_served_per_image']:.3f} x image)"
+            )
     print(
         "note: all nodes share this machine's CPUs and one local origin; on a cluster the\n"
         "naive way's origin traffic grows with N while p2pcast's stays ~1x the image."

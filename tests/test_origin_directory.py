@@ -81,11 +81,12 @@ def test_open_file_url(tmp_path: Path, prefix: str) -> None:
     assert again.root == origin.root
 
 
-@pytest.mark.parametrize("scheme", ["s3", "rados"])
-def test_reserved_schemes_are_not_available_yet(scheme: str) -> None:
-    assert scheme in ORIGIN_CLASSES
+def test_reserved_schemes_are_not_available_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    # s3:// and rados:// have classes now (tests/test_origin_s3.py); a reserved
+    # scheme without one still says so.
+    monkeypatch.setitem(ORIGIN_CLASSES, "gs", None)
     with pytest.raises(ConfigError, match="not available yet"):
-        open_origin(f"{scheme}://bucket/images")
+        open_origin("gs://bucket/images")
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,17 @@ from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The design card's runtime set, plus python-hostlist for Slurm node lists.
-RUNTIME_DEPENDENCIES = {"uvloop", "msgpack", "zstandard", "xxhash", "aiofiles", "python-hostlist"}
+#: The design card's runtime set, plus python-hostlist for Slurm node lists and
+#: aiobotocore for the S3 origin (Ceph RGW).
+RUNTIME_DEPENDENCIES = {
+    "uvloop",
+    "msgpack",
+    "zstandard",
+    "xxhash",
+    "aiofiles",
+    "python-hostlist",
+    "aiobotocore",
+}
 
 #: Popular packages built from Rust (PyO3/maturin or setuptools-rust); none may
 #: come in as a transitive runtime requirement.

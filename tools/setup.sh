@@ -7,6 +7,8 @@
 #      --system-site-packages so Debian's python3-rados can be used later
 #   3. pip install -e '.[test,bench]' (skipped while the stamp file is newer
 #      than pyproject.toml)
+#   4. check that Debian's python3-rados imports in the venv (the RADOS origin
+#      and tools/ceph.py need it), linking it in if it does not
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,6 +26,9 @@ APT_PACKAGES=(
     curl netcat-openbsd
     # ... and BitTorrent: aria2c peers and a tracker
     aria2 opentracker
+    # A real single-node Ceph (tools/ceph.py): monitor, OSDs, radosgw (S3),
+    # the admin tools, and librados for Python (the RADOS origin)
+    ceph-mon ceph-osd radosgw ceph-common python3-rados
 )
 
 PYTHON=/usr/bin/python3
@@ -78,5 +83,20 @@ else
     say "pip install -e '.[test,bench]'"
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,bench]"
     touch "$STAMP"
+fi
+# ---- 4. librados for Python ------------------------------------------------------
+# Debian ships it as one extension module for its own CPython 3.11; a venv
+# made with --system-site-packages sees it. If it does not (a venv made some
+# other way), linking that one file into the venv is enough.
+RADOS_SO=$(ls /usr/lib/python3/dist-packages/rados.cpython-311-*.so 2>/dev/null | head -n1 || true)
+if "$VENV/bin/python" -c 'import rados' 2>/dev/null; then
+    say "python3-rados: imports in .venv"
+elif [[ -n $RADOS_SO ]]; then
+    SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    ln -sf "$RADOS_SO" "$SITE/"
+    "$VENV/bin/python" -c 'import rados' && say "python3-rados: linked into .venv"
+else
+    say "python3-rados: not installed (apt-get install python3-rados)"
+    exit 1
 fi
 say "done: activate with 'source .venv/bin/activate'"

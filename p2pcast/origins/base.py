@@ -12,26 +12,56 @@ directory need not have an S3 client installed.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 import re
+import urllib.parse
 from types import TracebackType
 from typing import Self
 
-from p2pcast.errors import ConfigError
+from p2pcast.errors import BadImageName, ConfigError
 from p2pcast.manifest import ChunkRef
-from p2pcast.names import ImageRef
+from p2pcast.names import ImageRef, parse_image_ref
 
 #: Scheme -> "module:Class". None marks a scheme that is reserved but not
 #: implemented yet; adding one is a single line here.
 ORIGIN_CLASSES: dict[str, str | None] = {
     "file": "p2pcast.origins.directory:DirectoryOrigin",
     "http": "p2pcast.origins.http:HttpOrigin",
-    "s3": None,
-    "rados": None,
+    "s3": "p2pcast.origins.s3:S3Origin",
+    "rados": "p2pcast.origins.rados:RadosOrigin",
 }
+
+#: Schemes whose URL names a bucket or pool, so that ``SCHEME://BUCKET/NAME[:TAG]``
+#: can name one image (split_image_url).
+BUCKET_SCHEMES = ("s3", "rados")
 
 #: Only "scheme://" counts as a URL, so "my:dir" stays a relative path.
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OriginConfig:
+    """What p2pcast's own configuration (options, P2PCAST_* variables) says about
+    origins that need more than a URL. A URL's query overrides it; unset fields
+    leave the client library's defaults (AWS_* variables and files, CEPH_CONF).
+
+    Secrets are never command-line options (``ps`` shows those): the S3 keys come
+    from the environment or the AWS files.
+    """
+
+    #: RGW endpoints, tried in turn when one fails (empty: botocore's own choice,
+    #: AWS_ENDPOINT_URL or the profile's endpoint_url)
+    s3_endpoints: tuple[str, ...] = ()
+    s3_profile: str | None = None
+    s3_region: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = dataclasses.field(default=None, repr=False)
+    #: ceph.conf for RADOS (None: librados' search, CEPH_CONF then /etc/ceph)
+    rados_conf: str | None = None
+    #: cephx user without "client." (None: librados' default, admin)
+    rados_id: str | None = None
+    rados_keyring: str | None = None
 
 
 class Origin(abc.ABC):
@@ -48,7 +78,7 @@ class Origin(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_url(cls, url: str) -> Self:
+    def from_url(cls, url: str, config: OriginConfig | None = None) -> Self:
         """Open the origin a URL of this class's scheme names (ConfigError if bad)."""
 
     @abc.abstractmethod
@@ -102,7 +132,7 @@ class Origin(abc.ABC):
         await self.close()
 
 
-def open_origin(url: str) -> Origin:
+def open_origin(url: str, config: OriginConfig | None = None) -> Origin:
     """Open an origin by URL ("file:///srv/origin", "s3://...") or plain path."""
     if not url:
         raise ConfigError("empty origin URL")
@@ -122,4 +152,29 @@ def open_origin(url: str) -> Origin:
     cls = getattr(module, class_name)
     if not (isinstance(cls, type) and issubclass(cls, Origin)):
         raise TypeError(f"{target} is not an Origin")
-    return cls.from_url(url)
+    return cls.from_url(url, config)
+
+
+def names_image(text: str) -> bool:
+    """Whether TEXT is ``SCHEME://BUCKET/NAME...`` of a bucket scheme (not just an origin)."""
+    match = _URL.match(text)
+    if match is None or match.group(1).lower() not in BUCKET_SCHEMES:
+        return False
+    return urllib.parse.urlsplit(text).path.strip("/") != ""
+
+
+def split_image_url(text: str) -> tuple[str | None, ImageRef]:
+    """``s3://BUCKET/NAME[:TAG]`` or ``rados://POOL/NAME[:TAG]`` -> (origin URL, ref).
+
+    Anything else is a plain ``NAME[:TAG]``, with no origin (None). A query
+    stays with the origin: ``s3://b/img:1?endpoint=http://gw:7480``.
+    """
+    match = _URL.match(text) if isinstance(text, str) else None
+    if match is None or match.group(1).lower() not in BUCKET_SCHEMES:
+        return None, parse_image_ref(text)
+    parts = urllib.parse.urlsplit(text)
+    name = urllib.parse.unquote(parts.path).lstrip("/")
+    if not name:
+        raise BadImageName(f"{text!r} names a bucket or pool but no image (add /NAME[:TAG])")
+    origin = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
+    return origin, parse_image_ref(name)

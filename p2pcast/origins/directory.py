@@ -36,7 +36,7 @@ from p2pcast.errors import (
 )
 from p2pcast.manifest import ChunkRef
 from p2pcast.names import ImageRef
-from p2pcast.origins.base import Origin
+from p2pcast.origins.base import Origin, OriginConfig
 
 #: errno values that mean "no such manifest" when looking one up by path
 #: (ENOTDIR/EISDIR: the name is a prefix of, or extends, another image's name).
@@ -54,7 +54,7 @@ class DirectoryOrigin(Origin):
         self.root = root
 
     @classmethod
-    def from_url(cls, url: str) -> Self:
+    def from_url(cls, url: str, config: OriginConfig | None = None) -> Self:
         """Accept "file:///abs/path", "file://localhost/abs/path" or a plain path."""
         if "://" not in url:
             return cls(url)

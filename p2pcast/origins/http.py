@@ -22,7 +22,7 @@ from p2pcast import limits
 from p2pcast.errors import ConfigError, ImageNotFound, OriginError, OriginUnavailable
 from p2pcast.manifest import ChunkRef
 from p2pcast.names import ImageRef
-from p2pcast.origins.base import Origin
+from p2pcast.origins.base import Origin, OriginConfig
 
 #: Seconds for one request (connect, headers and body): a 4 MiB chunk at
 #: 100 Mbit/s takes ~0.35 s; a much slower origin is broken, not slow.
@@ -43,7 +43,7 @@ class HttpOrigin(Origin):
         self.prefix = parts.path.rstrip("/")
 
     @classmethod
-    def from_url(cls, url: str) -> Self:
+    def from_url(cls, url: str, config: OriginConfig | None = None) -> Self:
         return cls(url)
 
     async def get_manifest(self, ref: ImageRef) -> bytes:
