@@ -111,7 +111,7 @@ def make_random_image(path: Path, size: int, seed: int = 7) -> None:
             n += 1
 
 
-def prepare_image(work: Path, size: int, kind: str, chunk_size: int) -> dict[str, Any]:
+def prepare_image(work: Path, size: int, kind: str, chunk_size: int | None) -> dict[str, Any]:
     """Generate the image, push it to WORK/origin, put the raw file there too."""
     image = work / "image.tar"
     (make_image if kind == "demo" else make_random_image)(image, size)
@@ -132,7 +132,7 @@ def prepare_image(work: Path, size: int, kind: str, chunk_size: int) -> dict[str
         "size": m.size,
         "stored": m.stored_total,
         "chunks": m.chunk_count,
-        "chunk_size": chunk_size,
+        "chunk_size": m.chunk_size,
         "sha256": m.sha256.hex(),
     }
 
@@ -570,7 +570,9 @@ def _parser() -> argparse.ArgumentParser:
         "--image-kind", choices=("demo", "random"), default="demo",
         help="demo: p2pcast.demo.make_image (1/4 compressible); random: incompressible",
     )  # fmt: skip
-    ap.add_argument("--chunk-size", default="4M")
+    ap.add_argument(
+        "--chunk-size", default="auto", help="p2pcast's chunks (default: as push chooses)"
+    )
     ap.add_argument("--piece-length", default="1M", help="aria2: the torrent's piece length")
     ap.add_argument("--methods", default="p2pcast,http,chain")
     ap.add_argument(
@@ -682,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         work, mounted = _scratch(size * (2 * max(counts) + 4))
     began = time.time()
     try:
-        image = prepare_image(work, size, args.image_kind, parse_size(args.chunk_size))
+        chunk = None if args.chunk_size == "auto" else parse_size(args.chunk_size)
+        image = prepare_image(work, size, args.image_kind, chunk)
         floor = image["size"] / (rate / 8)
         if not args.quiet:
             print(

@@ -25,6 +25,7 @@ from typing import Any
 
 from p2pcast import overlay, swarm
 from p2pcast.cli import parse_size
+from p2pcast.publish import auto_chunk_size
 from p2pcast.sim import TCP_GOODPUT, SimSpec, simulate
 from p2pcast.swarm import SwarmConfig
 from tools.cluster import parse_rate
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="16,64,256,1024,4096", help="comma-separated N")
     parser.add_argument("--size", default="1G", help="image size (K/M/G, powers of 2)")
-    parser.add_argument("--chunk-size", default="4M")
+    parser.add_argument(
+        "--chunk-size", default="auto", help="default: as push chooses it for --size"
+    )
     parser.add_argument("--rate", default="100mbit", help="every node's link, each way")
     parser.add_argument("--origin-rate", default="1000mbit", help="the origin's uplink")
     parser.add_argument("--latency-ms", type=float, default=0.1, help="one way")
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     size = parse_size(args.size)
-    chunk = parse_size(args.chunk_size)
+    chunk = auto_chunk_size(size) if args.chunk_size == "auto" else parse_size(args.chunk_size)
     link = parse_rate(args.rate) / 8
     origin = parse_rate(args.origin_rate) / 8
     nodes = [int(n) for n in args.nodes.split(",")]
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": size,
         "size_human": args.size,
         "chunk_size": chunk,
-        "chunk_human": args.chunk_size,
+        "chunk_human": f"{chunk >> 20}M" if chunk >= 1 << 20 else f"{chunk >> 10}K",
         "chunks": -(-size // chunk),
         "rate": args.rate,
         "origin_rate": args.origin_rate,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from p2pcast import __version__, control, hostlists, limits
+from p2pcast import __version__, control, hostlists
 from p2pcast import manifest as manifest_mod
 from p2pcast.errors import BadHostlist, ConfigError, DaemonUnavailable, P2PCastError
 from p2pcast.names import ImageRef, default_name_for, parse_image_ref
@@ -393,7 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="NAME[:TAG] (default: from the file name, tag latest)")
     p.add_argument(
-        "--chunk-size", type=parse_size, default=limits.DEFAULT_CHUNK_SIZE, help="e.g. 4M"
+        "--chunk-size",
+        type=parse_size,
+        default=None,
+        help="e.g. 4M (default: 1-4 MiB, so that the image has at least 256 chunks)",
     )
     _origin_args(p)
     _common(p)
@@ -450,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--size", type=parse_size, default=256 << 20, help="generated image size")
     p.add_argument("--image", help="use this image file instead of a generated tar")
-    p.add_argument("--chunk-size", type=parse_size, default=limits.DEFAULT_CHUNK_SIZE)
+    p.add_argument(
+        "--chunk-size", type=parse_size, default=None, help="default: as push chooses it"
+    )
     p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
     p.add_argument("--loop", choices=LOOPS, default="uvloop")
     p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")

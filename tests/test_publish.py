@@ -293,5 +293,22 @@ def test_small_image_single_short_chunk(tmp_path: Path) -> None:
     origin = DirectoryOrigin(tmp_path / "origin")
     result = asyncio.run(push(path, origin, REF))
     assert result.manifest.chunk_count == 1
-    assert result.manifest.chunk_size == limits.DEFAULT_CHUNK_SIZE
+    assert result.manifest.chunk_size == publish.AUTO_MIN_CHUNK_SIZE
     assert asyncio.run(reassemble(origin, result.manifest)) == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk"),
+    [
+        (0, MiB),
+        (1000, MiB),
+        (256 * MiB, MiB),  # exactly 256 chunks of 1 MiB; 2 MiB would give 128
+        (512 * MiB - 1, MiB),
+        (512 * MiB, 2 * MiB),
+        (1024 * MiB, 4 * MiB),
+        (20 * 1024 * MiB, limits.DEFAULT_CHUNK_SIZE),  # never beyond the default
+    ],
+)
+def test_auto_chunk_size(size: int, chunk: int) -> None:
+    assert publish.auto_chunk_size(size) == chunk
+    assert size // chunk >= publish.AUTO_TARGET_CHUNKS or chunk == publish.AUTO_MIN_CHUNK_SIZE
