@@ -231,10 +231,13 @@ class Swarm:
         #: rank -> when it was first seen lagging far behind (see ``_judge``)
         self.lagging_since: dict[int, float] = {}
         #: Among equally rare chunks, each node starts at its own point of the
-        #: image: two nodes pulling the same lowest-index chunks from one
-        #: holder get them at the same moment and have nothing to swap (a
-        #: straggler's backup then fed its two neighbours the same chunks
-        #: twice over its one uplink).
+        #: image once some peer is judged slow: two nodes pulling the same
+        #: lowest-index chunks from one holder get them at the same moment and
+        #: have nothing to swap (a straggler's backup then fed its two
+        #: neighbours the same chunks twice over its one uplink). Only then:
+        #: in a healthy swarm the lowest index first keeps everyone on the
+        #: chunks that were injected first, and the rotation cost the
+        #: simulator 0.02-0.04 x S/B at 256-1024 nodes (1 GiB, 100 Mbit/s).
         self.tie_offset = rank * self.chunk_count // size
         self.owned_progress = 0
         #: last sign of progress: a chunk arrived, or a peer announced one.
@@ -654,6 +657,7 @@ class Swarm:
         """
         best: int | None = None
         best_key = (0, 0)
+        offset = self.tie_offset if self.slow else 0
         stale = []
         for index in peer.offers:
             if self.have[index] or not peer.bits[index]:
@@ -665,7 +669,7 @@ class Swarm:
                 p is not peer and p.usable and p.bits[index] for p in self.peers.values()
             ):
                 continue  # it let us down on this one; another holder exists
-            key = (self.holders[index], (index - self.tie_offset) % self.chunk_count)
+            key = (self.holders[index], (index - offset) % self.chunk_count)
             if best is None or key < best_key:
                 best, best_key = index, key
         peer.offers.difference_update(stale)
