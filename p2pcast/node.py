@@ -78,6 +78,10 @@ RECONNECT_WINDOW = 3.0
 #: Reject reason meaning "I serve enough peers right now; ask someone else".
 BUSY = "busy"
 
+#: Reject reason answering a request the downstream cancelled while it was
+#: still queued here (every request gets an answer; see p2pcast.protocol).
+CANCELLED = "cancelled"
+
 #: Origin read retries back off this long times the attempt number (s).
 ORIGIN_RETRY_DELAY = 0.2
 
@@ -239,7 +243,13 @@ class PeerService:
                 lambda: None if image.closed else image.chunk_slice(index),
             )
         elif isinstance(event, RequestCancelled):
-            link.unqueue_chunk(event.image_id, event.index)
+            # The request is still pending and must be answered. The event
+            # only comes while it is queued (the writer answers with a Chunk
+            # or a Reject as it takes a request off the queue, and a Cancel
+            # arriving after that answer is dropped by the connection), so it
+            # is answered here. Not queued means the link is closing.
+            if link.unqueue_chunk(event.image_id, event.index):
+                link.send(link.conn.reject(event.image_id, event.index, CANCELLED))
         elif isinstance(event, PeerDone):
             broadcast = self.broadcasts.get(event.image_id)
             if broadcast is not None:
@@ -455,13 +465,25 @@ class Broadcast:
                 self.swarm.chunk_failed(action.index, action.peer, self.loop.time(), corrupt=False)
                 self.wakeup.set()
                 return
+            if link.conn.is_pending(self.image_id, action.index):
+                # A request we cancelled for this chunk is still unanswered on
+                # this link, and a second one would break the protocol. As a
+                # "busy" answer: the swarm backs off this peer a moment and
+                # asks again later (the answer will have come), or elsewhere.
+                self.swarm.chunk_failed(
+                    action.index, action.peer, self.loop.time(), corrupt=False, busy=True
+                )
+                self.wakeup.set()
+                return
             link.send(link.conn.request(self.image_id, action.index))
         elif isinstance(action, CancelRequest):
             link = self.rank_links.get(action.peer)
+            # Not pending: the answer arrived meanwhile (a chunk header is
+            # enough), or the link is new. One Cancel per request at most.
             if (
                 link is not None
                 and not link.closed
-                and link.conn.is_pending(self.image_id, action.index)
+                and link.conn.may_cancel(self.image_id, action.index)
             ):
                 link.send(link.conn.cancel(self.image_id, action.index))
         else:
@@ -619,7 +641,10 @@ class Broadcast:
                     self._arrived(event.index, rank)
         if self.swarm.peers[rank].announced == self.manifest.chunk_count:
             self.peers_done.add(self.peers[rank].name)  # it holds everything
-        if isinstance(event, RequestRejected):
+        if isinstance(event, RequestRejected) and event.reason != CANCELLED:
+            # A "cancelled" Reject answers a request the swarm gave up when it
+            # cancelled it: nothing failed, and the peer does hold the chunk
+            # (a non-busy failure would forget that it does).
             busy = event.reason == BUSY
             self.swarm.chunk_failed(event.index, rank, now, corrupt=False, busy=busy)
         self.wakeup.set()

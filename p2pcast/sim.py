@@ -22,6 +22,9 @@ network model is deliberately simple:
   one-way latency and take no bandwidth.
 * An upstream serves one chunk at a time per downstream, in request order, as
   the daemon does (one writer per connection).
+* Requests follow the wire protocol's rule: each gets exactly one answer, and
+  a downstream does not ask an upstream for a chunk again while a request for
+  it is unanswered (a Cancel does not end it), as the daemon does.
 * Nodes talk only to their overlay neighbours (p2pcast.overlay): at most
   DEGREE of them, every other node in small clusters.
 
@@ -146,6 +149,9 @@ class SimCluster:
         self.queues: list[dict[int, deque[int]]] = [{} for _ in range(n)]
         #: per upstream: the downstreams it is sending a chunk to now
         self.sending: list[set[int]] = [set() for _ in range(n)]
+        #: per downstream: (upstream, index) of its requests not answered yet,
+        #: cancelled or not: what its PeerConnections call pending
+        self.pending: list[set[tuple[int, int]]] = [set() for _ in range(n)]
         self.events: list[tuple[float, int, Callable[[], None]]] = []
         self.seq = itertools.count()
         self.event_count = 0
@@ -221,11 +227,23 @@ class SimCluster:
         lat = self.spec.latency
         match action:
             case RequestChunk(peer, index):
+                if (peer, index) in self.pending[rank]:
+                    # As Broadcast._act: a cancelled request for the chunk is
+                    # still unanswered on that link, so the swarm hears "busy"
+                    # at once, and polls again (a wakeup in the daemon).
+                    self.swarms[rank].chunk_failed(index, peer, self.now, corrupt=False, busy=True)
+                    self._later(0.0, self._step, rank)
+                    return
+                self.pending[rank].add((peer, index))
                 self._later(lat, self._request_arrives, peer, rank, index)
             case ReadOrigin(index):
                 self._later(2 * lat, self._start_flow, ORIGIN, rank, index)
             case CancelRequest(peer, index):
-                self._later(lat, self._cancel_arrives, peer, rank, index)
+                # As the daemon: only a request still unanswered is cancelled.
+                # (The swarm cannot cancel one request twice here: it cannot
+                # ask for the chunk again on the link until the answer came.)
+                if (peer, index) in self.pending[rank]:
+                    self._later(lat, self._cancel_arrives, peer, rank, index)
             case Finished():
                 self.finish_times[rank] = self.now
             case Abort(reason):
@@ -249,6 +267,7 @@ class SimCluster:
         self._pump(src, dst)
 
     def _rejected(self, dst: int, src: int, index: int, busy: int) -> None:
+        self.pending[dst].discard((src, index))
         if self.alive[dst]:
             self.swarms[dst].chunk_failed(index, src, self.now, corrupt=False, busy=bool(busy))
             self._step(dst)
@@ -256,14 +275,27 @@ class SimCluster:
     def _cancel_arrives(self, src: int, dst: int, index: int) -> None:
         queue = self.queues[src].get(dst)
         if queue and index in queue:
+            # Still queued: dropped and answered with a "cancelled" Reject, as
+            # the daemon does. Being sent (or sent): the chunk is the answer.
             queue.remove(index)
+            self._later(self.spec.latency, self._cancel_answered, dst, src, index)
+
+    def _cancel_answered(self, dst: int, src: int, index: int) -> None:
+        """The "cancelled" Reject arrives: the request is answered. The swarm
+        gave it up when it cancelled it, so it is not told (as in the daemon),
+        and nothing changed that it would act on: no poll."""
+        self.pending[dst].discard((src, index))
 
     def _pump(self, src: int, dst: int) -> None:
         queue = self.queues[src].get(dst)
         if dst in self.sending[src] or not queue:
             return
         self.sending[src].add(dst)
-        self._start_flow(src, dst, queue.popleft())
+        index = queue.popleft()
+        # The chunk's header answers the request; flows start at both ends at
+        # once in this model, so the downstream has its answer now.
+        self.pending[dst].discard((src, index))
+        self._start_flow(src, dst, index)
 
     def _start_flow(self, src: int, dst: int, index: int) -> None:
         if not self.alive[dst] or (src != ORIGIN and not self.alive[src]):
@@ -431,6 +463,8 @@ class SimCluster:
                 self._later(self.spec.dead_after, self._dead, peer, rank)
 
     def _lost(self, rank: int, peer: int) -> None:
+        # The link is gone, and with it its requests (a new link starts afresh).
+        self.pending[rank] = {(src, i) for src, i in self.pending[rank] if src != peer}
         if self.alive[rank]:
             self.swarms[rank].peer_down(peer, self.now)
             self._step(rank)

@@ -713,8 +713,15 @@ class Swarm:
         preferred_rank = self.preferred()
         if preferred_rank is not None:
             preferred = self.peers[preferred_rank]
+            # A "busy" answer holds back the preferred peer too. Our ring
+            # predecessor never answers busy (we are its successor), but a
+            # preferred peer further back may, and the node also reports a
+            # request it cannot send yet as busy (a cancelled request for the
+            # chunk is still unanswered on the link): asked again at once,
+            # that request would fail again at once, forever.
             while (
                 preferred.usable
+                and preferred.busy_until <= now
                 and len(preferred.inflight) < cfg.peer_window
                 and self._peer_inflight() < cfg.total_window
                 and self._request(preferred, now, actions)

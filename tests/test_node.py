@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from p2pcast.errors import PeersUnreachable
-from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
+from p2pcast.node import CANCELLED, Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.directory import DirectoryOrigin
-from p2pcast.protocol import ChunkRequested, Event, FileSlice
-from p2pcast.swarm import SwarmConfig
+from p2pcast.protocol import ChunkRequested, Event, FileSlice, RequestRejected
+from p2pcast.swarm import CancelRequest, ReadOrigin, RequestChunk, SwarmConfig
 from p2pcast.transport import PeerLink
 from tests.helpers_node import (
     HOST,
@@ -286,5 +288,80 @@ def test_link_connected_after_broadcast_stopped_is_not_orphaned(
                 assert link.closed or node.service.out_links.get(key) is link
             finally:
                 await link.close()
+
+    run_on("asyncio", main())
+
+
+# ---- cancelled requests ----------------------------------------------------------------
+
+
+class CancellingBroadcast(Broadcast):
+    """Cancels its first request of each chunk right after sending it, as a
+    request timeout would, and counts the "cancelled" answers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cancelled_once: set[int] = set()
+        self.cancelled_answers = 0
+
+    def _act(self, action: RequestChunk | ReadOrigin | CancelRequest) -> None:
+        super()._act(action)
+        if not isinstance(action, RequestChunk) or action.index in self.cancelled_once:
+            return
+        link = self.rank_links.get(action.peer)
+        if link is None or not link.conn.may_cancel(self.image_id, action.index):
+            return
+        self.cancelled_once.add(action.index)
+        # The Cancel leaves with the Request (the writer sends small frames
+        # together), so the upstream finds the chunk still queued.
+        super()._act(CancelRequest(action.peer, action.index))
+        # The swarm asks the same holder again at once, as it does after a
+        # timeout when no other peer has the chunk: the node must hold that
+        # request back (reported as "busy") until the first is answered.
+        sent = link.conn.bytes_sent
+        super()._act(action)
+        assert link.conn.bytes_sent == sent
+
+    def link_event(self, link: PeerLink, event: Event, body: memoryview | None) -> None:
+        if isinstance(event, RequestRejected) and event.reason == CANCELLED:
+            self.cancelled_answers += 1
+        super().link_event(link, event, body)
+
+
+def test_cancelled_requests_are_answered_and_the_broadcast_completes(
+    tmp_path: Path, published: Published
+) -> None:
+    # Every chunk is first asked for and cancelled at once: the upstream drops
+    # it from its queue and answers "cancelled", which the swarm ignores, and
+    # the chunk is asked for again only once that answer came (asked earlier,
+    # the link would break on a duplicate Request).
+    async def main() -> None:
+        async with running(tmp_path, published, 2) as cluster:
+            broadcasts = []
+            for rank, node in enumerate(cluster.nodes):
+                broadcast = CancellingBroadcast(
+                    node.service,
+                    published.manifest_bytes,
+                    cluster.peers,
+                    rank,
+                    node.origin,
+                    rng=random.Random(rank),
+                )
+                node.broadcasts.append(broadcast)
+                broadcasts.append(broadcast)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await asyncio.gather(*(b.run() for b in broadcasts))
+                await asyncio.gather(*(b.linger() for b in broadcasts))
+            assert_copies_exact(cluster, published)
+            for broadcast in broadcasts:
+                progress = broadcast.progress()
+                assert progress["dead_peers"] == []
+                assert progress["from_peers"] > 0
+                assert broadcast.cancelled_once
+                assert progress["busy_answers"] >= len(broadcast.cancelled_once)
+            assert sum(b.cancelled_answers for b in broadcasts) > 0
+            # "cancelled" is no failure: the peers still hold what they announced.
+            assert cluster.origin_bytes() <= 1.05 * published.manifest.stored_total
+            assert all(node.service.bad_links == 0 for node in cluster.nodes)
 
     run_on("asyncio", main())

@@ -97,6 +97,10 @@ def test_full_conversation(tmp_path: Path) -> None:
     pair.send(up, up.reject(IMG, 5, "evicted"), expect=[RequestRejected(IMG, 5, "evicted")])
     pair.send(down, down.request(IMG, 6), expect=[ChunkRequested(IMG, 6)])
     pair.send(down, down.cancel(IMG, 6), expect=[RequestCancelled(IMG, 6)])
+    # A Cancel does not end the request: it is answered all the same.
+    assert up.pending_requests == down.pending_requests == 1
+    reject = up.reject(IMG, 6, "cancelled")
+    pair.send(up, reject, expect=[RequestRejected(IMG, 6, "cancelled")])
     assert up.pending_requests == down.pending_requests == 0
     pair.send(down, down.done(IMG), expect=[PeerDone(IMG)])
     pair.send(down, down.goodbye(0, "all done"), expect=[PeerClosed(0, "all done")])
@@ -263,30 +267,104 @@ def test_chunk_crossing_cancel_is_legal() -> None:
     pair.send(pair.down, pair.down.request(IMG, 1))
     answer = pair.up.send_chunk(IMG, 1, b"abc")
     cancel = pair.down.cancel(IMG, 1)  # both in flight at once
-    assert pair.send(pair.down, cancel) == []  # upstream answered already: nothing to report
+    assert pair.send(pair.down, cancel) == []  # upstream answered already: ignored
+    assert not pair.up.is_pending(IMG, 1)
+    assert pair.down.is_pending(IMG, 1)  # cancelled, but the answer has not come yet
     assert pair.send(pair.up, answer) == chunk_events(1, b"abc")
+    assert pair.down.pending_requests == pair.up.pending_requests == 0
     expect_protocol_error(pair.down, frame(Chunk(IMG, 1, 3)), "unsolicited")
 
 
-def test_cancel_then_request_again_allows_two_answers() -> None:
+def test_crossing_cancel_then_request_again() -> None:
+    # The conversation that once killed links: the upstream answered request
+    # 1, the downstream cancelled it meanwhile and asked again. Now the second
+    # Request waits for the answer, and the upstream never sees a duplicate.
+    pair = pair_with_chunks()
+    pair.send(pair.down, pair.down.request(IMG, 0))
+    answer = pair.up.send_chunk(IMG, 0, b"first")
+    pair.send(pair.down, pair.down.cancel(IMG, 0), expect=[])  # crossed the answer
+    with pytest.raises(LocalProtocolError, match="duplicate Request"):
+        pair.down.request(IMG, 0)
+    pair.send(pair.up, answer, expect=chunk_events(0, b"first"))
+    pair.send(pair.down, pair.down.request(IMG, 0), expect=[ChunkRequested(IMG, 0)])
+    pair.send(pair.up, pair.up.send_chunk(IMG, 0, b"again"), expect=chunk_events(0, b"again"))
+    pair.send(pair.down, pair.down.request(IMG, 0), expect=[ChunkRequested(IMG, 0)])
+    assert pair.up.pending_requests == pair.down.pending_requests == 1
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_request_again_while_pending_is_local_error(cancel: bool) -> None:
     pair = pair_with_chunks()
     pair.send(pair.down, pair.down.request(IMG, 1))
-    first = pair.up.reject(IMG, 1, "busy")  # crosses the cancel
-    pair.send(pair.down, pair.down.cancel(IMG, 1), expect=[])
+    if cancel:
+        pair.send(pair.down, pair.down.cancel(IMG, 1), expect=[RequestCancelled(IMG, 1)])
+    with pytest.raises(LocalProtocolError, match="duplicate Request"):
+        pair.down.request(IMG, 1)
+    assert pair.down.pending_requests == pair.up.pending_requests == 1
+    # Once answered, the chunk may be asked for again.
+    pair.send(pair.up, pair.up.reject(IMG, 1, "cancelled" if cancel else "busy"))
     pair.send(pair.down, pair.down.request(IMG, 1), expect=[ChunkRequested(IMG, 1)])
-    assert pair.down.is_pending(IMG, 1)
-    pair.send(pair.up, first, expect=[RequestRejected(IMG, 1, "busy")])
-    # Downstream cannot tell which request that answered; a second answer is legal.
-    pair.send(pair.up, pair.up.send_chunk(IMG, 1, b"x"), expect=chunk_events(1, b"x"))
-    expect_protocol_error(pair.down, frame(Chunk(IMG, 1, 1)), "unsolicited")
 
 
-def test_cancelled_request_dropped_by_upstream() -> None:
+@pytest.mark.parametrize("answer", ["reject", "chunk"])
+def test_cancelled_request_must_still_be_answered(answer: str) -> None:
     pair = pair_with_chunks()
     pair.send(pair.down, pair.down.request(IMG, 1))
     pair.send(pair.down, pair.down.cancel(IMG, 1), expect=[RequestCancelled(IMG, 1)])
-    with pytest.raises(LocalProtocolError, match="not requested, or cancelled"):
+    assert pair.up.is_pending(IMG, 1) and pair.down.is_pending(IMG, 1)
+    assert pair.up.pending_requests == pair.down.pending_requests == 1
+    if answer == "reject":
+        out = pair.up.reject(IMG, 1, "cancelled")
+        pair.send(pair.up, out, expect=[RequestRejected(IMG, 1, "cancelled")])
+    else:  # it was being sent already: the chunk is the answer, and welcome
+        pair.send(pair.up, pair.up.send_chunk(IMG, 1, b"late"), expect=chunk_events(1, b"late"))
+    assert pair.up.pending_requests == pair.down.pending_requests == 0
+    # Exactly one answer: a second one is the upstream's mistake, or a broken peer.
+    with pytest.raises(LocalProtocolError, match="unsolicited Reject"):
+        pair.up.reject(IMG, 1, "cancelled")
+    with pytest.raises(LocalProtocolError, match="unsolicited Chunk"):
         pair.up.send_chunk(IMG, 1, b"late")
+    expect_protocol_error(pair.down, frame(Reject(IMG, 1, "cancelled")), "unsolicited")
+
+
+def test_cancel_twice_is_an_error() -> None:
+    pair = pair_with_chunks()
+    pair.send(pair.down, pair.down.request(IMG, 1))
+    assert pair.down.may_cancel(IMG, 1)
+    pair.send(pair.down, pair.down.cancel(IMG, 1), expect=[RequestCancelled(IMG, 1)])
+    assert not pair.down.may_cancel(IMG, 1) and pair.down.is_pending(IMG, 1)
+    with pytest.raises(LocalProtocolError, match="second Cancel"):
+        pair.down.cancel(IMG, 1)
+    # The next request of the chunk may be cancelled once again.
+    pair.send(pair.up, pair.up.reject(IMG, 1, "cancelled"))
+    assert not pair.down.may_cancel(IMG, 1)  # nothing pending
+    pair.send(pair.down, pair.down.request(IMG, 1))
+    assert pair.down.may_cancel(IMG, 1)
+    pair.send(pair.down, pair.down.cancel(IMG, 1), expect=[RequestCancelled(IMG, 1)])
+    # A peer that cancels one request twice breaks the protocol: both Cancels
+    # came before our answer, so they were for the same request.
+    expect_protocol_error(pair.up, frame(Cancel(IMG, 1)), "second Cancel")
+
+
+def test_upstream_ignores_cancel_of_answered_request() -> None:
+    pair = pair_with_chunks()
+    pair.send(pair.down, pair.down.request(IMG, 1))
+    pair.send(pair.down, pair.down.request(IMG, 2))
+    reject = pair.up.reject(IMG, 1, "busy")
+    # Crossing the Reject: reported for the pending request only.
+    cancels = pair.down.cancel(IMG, 1) + pair.down.cancel(IMG, 2)
+    assert pair.send(pair.down, cancels) == [RequestCancelled(IMG, 2)]
+    assert pair.send(pair.up, reject) == [RequestRejected(IMG, 1, "busy")]
+    assert pair.down.pending_requests == 1
+
+
+def test_upstream_cannot_answer_what_was_not_requested() -> None:
+    pair = pair_with_chunks()
+    with pytest.raises(LocalProtocolError, match="unsolicited Chunk"):
+        pair.up.send_chunk(IMG, 3, b"x")
+    with pytest.raises(LocalProtocolError, match="unsolicited Reject"):
+        pair.up.reject(IMG, 3, "no")
+    assert pair.up.bytes_sent == pair.down.bytes_received  # nothing was framed
 
 
 def test_subscription_bounds() -> None:

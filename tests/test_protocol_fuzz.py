@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -17,7 +18,7 @@ from hypothesis.stateful import (
 )
 
 from p2pcast import limits
-from p2pcast.errors import ProtocolError
+from p2pcast.errors import LocalProtocolError, ProtocolError
 from p2pcast.protocol import (
     NEED_DATA,
     BitfieldReceived,
@@ -141,6 +142,9 @@ class Conversation(RuleBasedStateMachine):
     Every command queues what the peer must see; each delivery checks the events
     in order. A RequestCancelled may be missing: that Cancel crossed the answer.
     Body bytes are read the zero-copy way or the fallback way, at random.
+
+    The model of requests: each gets exactly one answer, a Cancel does not end
+    it, and the downstream requests a chunk again only once the answer arrived.
     """
 
     def __init__(self) -> None:
@@ -152,8 +156,9 @@ class Conversation(RuleBasedStateMachine):
         self.expected: dict[Role, deque[Event | bytes]] = {r: deque() for r in Role}
         self.bitfield_sent: set[bytes] = set()
         self.done: set[bytes] = set()
-        self.down_pending: set[Key] = set()  # requested, not cancelled or answered
-        self.up_pending: set[Key] = set()  # ChunkRequested seen, not answered or cancelled
+        self.down_pending: set[Key] = set()  # requested, answer not received yet
+        self.down_cancelled: set[Key] = set()  # of down_pending: Cancel sent
+        self.up_pending: set[Key] = set()  # ChunkRequested seen, not answered yet
 
     @initialize()
     def start(self) -> None:
@@ -197,24 +202,40 @@ class Conversation(RuleBasedStateMachine):
             self.down_pending.add(key)
             self.send(self.down, self.down.request(*key), ChunkRequested(*key))
 
-    @precondition(lambda self: self.down_pending)
-    @rule(data=st.data(), roll=st.integers(0, 3))
+    @precondition(lambda self: self.down_pending - self.down_cancelled)
+    @rule(data=st.data(), roll=st.integers(0, 2))
     def cancel(self, data: st.DataObject, roll: int) -> None:
         if roll:
             return  # rarer than answers, or few requests would ever be answered
-        key = data.draw(st.sampled_from(sorted(self.down_pending)))
-        self.down_pending.remove(key)
+        key = data.draw(st.sampled_from(sorted(self.down_pending - self.down_cancelled)))
+        assert self.down.may_cancel(*key)
+        self.down_cancelled.add(key)
         self.send(self.down, self.down.cancel(*key), RequestCancelled(*key))
+        assert not self.down.may_cancel(*key) and self.down.is_pending(*key)
+
+    @precondition(lambda self: self.down_pending)
+    @rule(data=st.data())
+    def misuse_pending(self, data: st.DataObject) -> None:
+        """Asking again for an unanswered chunk, or cancelling it twice, is our bug."""
+        key = data.draw(st.sampled_from(sorted(self.down_pending)))
+        with pytest.raises(LocalProtocolError):
+            self.down.request(*key)
+        if key in self.down_cancelled:
+            with pytest.raises(LocalProtocolError, match="second Cancel"):
+                self.down.cancel(*key)
+        # The invariants check that the refused commands changed nothing.
 
     @precondition(lambda self: self.up_pending)
-    @rule(data=st.data(), size=st.integers(0, 3000))
-    def answer(self, data: st.DataObject, size: int) -> None:
+    @rule(data=st.data(), size=st.integers(1, 3000), roll=st.integers(0, 3))
+    def answer(self, data: st.DataObject, size: int, roll: int) -> None:
         key = data.draw(st.sampled_from(sorted(self.up_pending)))
         self.up_pending.remove(key)
         # Sizes drawn as ints: hypothesis keeps drawn binaries tiny, bodies need bulk.
         body = bytes((i * 7 + size) & 0xFF for i in range(size))
-        if not body:
-            self.send(self.up, self.up.reject(*key, "busy"), RequestRejected(*key, "busy"))
+        if roll == 0:
+            # Cancelled or not, a request may be refused or served.
+            reason = "cancelled" if size % 2 else "busy"
+            self.send(self.up, self.up.reject(*key, reason), RequestRejected(*key, reason))
         else:
             header, sent = self.up.send_chunk(*key, body)
             assert isinstance(header, bytes) and sent is body
@@ -268,21 +289,37 @@ class Conversation(RuleBasedStateMachine):
             else:
                 expected.popleft()
             return
-        while isinstance(expected[0], RequestCancelled) and expected[0] != got:
-            expected.popleft()  # crossed our answer: the upstream drops it silently
+        while isinstance(dropped := expected[0], RequestCancelled) and dropped != got:
+            # Crossed our answer: the upstream drops it silently.
+            expected.popleft()
+            assert (dropped.image_id, dropped.index) not in self.up_pending
+            event("a Cancel crossed the answer")
         assert expected.popleft() == got
         if isinstance(got, ChunkRequested):
-            self.up_pending.add((got.image_id, got.index))
+            key = (got.image_id, got.index)
+            assert key not in self.up_pending  # the bug: a second request for one chunk
+            self.up_pending.add(key)
         elif isinstance(got, RequestCancelled):
-            self.up_pending.discard((got.image_id, got.index))
+            # Advisory: the request stays pending and will be answered.
+            assert (got.image_id, got.index) in self.up_pending
         elif isinstance(got, ChunkHeaderReceived | RequestRejected):
-            self.down_pending.discard((got.image_id, got.index))
+            if (got.image_id, got.index) in self.down_cancelled:
+                event(f"a cancelled request was answered ({type(got).__name__})")
+            self.down_pending.remove((got.image_id, got.index))
+            self.down_cancelled.discard((got.image_id, got.index))
 
     @invariant()
     def pending_counts_agree(self) -> None:
         assert self.up.pending_requests == len(self.up_pending)
         assert self.down.pending_requests == len(self.down_pending)
         assert self.down.pending_requests <= limits.MAX_QUEUED_REQUESTS_PER_LINK
+        # What the upstream still owes, the downstream still waits for.
+        assert self.up_pending <= self.down_pending
+        for key in self.down_pending:
+            assert self.down.is_pending(*key)
+            assert self.down.may_cancel(*key) == (key not in self.down_cancelled)
+        for key in self.up_pending:
+            assert self.up.is_pending(*key)
 
     def teardown(self) -> None:
         # Small pieces, alternating body paths, so bodies straddle deliveries.
@@ -293,9 +330,16 @@ class Conversation(RuleBasedStateMachine):
             zero_copy = not zero_copy
         for role in Role:
             assert all(isinstance(e, RequestCancelled) for e in self.expected[role])
+        # With everything delivered, both ends agree on what is unanswered.
+        assert self.up_pending == self.down_pending
         assert self.down.bytes_sent == self.up.bytes_received
         assert self.up.bytes_sent == self.down.bytes_received
 
 
-Conversation.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+#: P2PCAST_FUZZ_EXAMPLES raises the example count for a long hunt.
+Conversation.TestCase.settings = settings(
+    max_examples=int(os.environ.get("P2PCAST_FUZZ_EXAMPLES", "150")),
+    stateful_step_count=60,
+    deadline=None,
+)
 test_conversation = Conversation.TestCase

@@ -14,7 +14,7 @@ import pytest
 
 from p2pcast import overlay
 from p2pcast.sim import SimCluster, SimResult, SimSpec, simulate
-from p2pcast.swarm import SwarmConfig
+from p2pcast.swarm import Action, RequestChunk, SwarmConfig
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -100,6 +100,48 @@ def test_straggler_does_not_stop_the_swarm() -> None:
     # before 4 S/B; nobody should need much more than that.
     assert result.finish_times[7] >= 4 * BIG.floor
     assert result.last < 3 * ring_floor(BIG), f"ratio {result.ratio:.2f}"
+
+
+def test_a_chunk_is_asked_again_of_a_holder_only_once_it_answered() -> None:
+    # Requests time out after one chunk time (0.3 s at least) and a node at a
+    # tenth of the rate is slow to answer, so the swarm often cancels and asks
+    # the same holder again at once. As in the daemon, that request waits (as
+    # a "busy" answer) until the cancelled one is answered: an upstream never
+    # holds two requests for one chunk from one downstream.
+    config = SwarmConfig(request_timeout_min=0.3, request_timeout_chunks=1.0)
+    spec = SimSpec(
+        nodes=3,
+        image_size=32 * CHUNK,
+        chunk_size=CHUNK,
+        link_rate=12.5e6,
+        origin_rate=125e6,
+        config=config,
+    )
+    cluster = SimCluster(spec)
+    cluster.scale_node(0, 0.1)
+    refused = 0
+    act, arrives = cluster._act, cluster._request_arrives
+
+    def counting_act(rank: int, action: Action) -> None:
+        nonlocal refused
+        if (
+            isinstance(action, RequestChunk)
+            and (action.peer, action.index) in cluster.pending[rank]
+        ):
+            refused += 1
+            # Before the swarm honoured a busy preferred peer, this looped at one instant.
+            assert refused < 1000, "asked again and again at one instant"
+        act(rank, action)
+
+    def checked_arrival(src: int, dst: int, index: int) -> None:
+        assert index not in cluster.queues[src].get(dst, ()), "a second request for a chunk"
+        arrives(src, dst, index)
+
+    cluster._act = counting_act  # type: ignore[method-assign]
+    cluster._request_arrives = checked_arrival  # type: ignore[method-assign]
+    result = cluster.run()
+    assert_all_finished(result)
+    assert refused > 0, "the case under test did not happen"
 
 
 def test_two_nodes() -> None:

@@ -429,6 +429,23 @@ def test_late_answer_to_cancelled_request_leaves_the_new_request_alone() -> None
     assert swarm.poll(5.2) == []  # no second request for chunk 1 while one is out
 
 
+def test_busy_preferred_peer_is_left_alone_for_the_back_off() -> None:
+    # The node reports a request it cannot send yet (a cancelled request for
+    # the chunk is still unanswered on the link) as "busy". Asked again at
+    # once, the ring predecessor would be refused again at once, forever (the
+    # simulator looped at one instant; the daemon spun).
+    swarm = make(chunks=2, size=2, rank=0, have=[0], **QUIET)
+    all_up(swarm)
+    swarm.have_announced(1, 1, 0.0)
+    assert swarm.poll(0.0) == [RequestChunk(1, 1)]
+    swarm.chunk_failed(1, 1, 0.1, corrupt=False, busy=True)
+    assert swarm.poll(0.1) == []
+    until = swarm.peers[1].busy_until
+    assert until > 0.1
+    assert swarm.next_deadline() == until
+    assert swarm.poll(until) == [RequestChunk(1, 1)]
+
+
 # ---- owners that die or lie ------------------------------------------------------
 
 

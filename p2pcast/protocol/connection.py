@@ -8,6 +8,16 @@ the swarm layer can trust each event they get.
 The state of the receive side is in one table, ``TRANSITIONS``: a pair missing
 from it is illegal. Send-side rules (role, hello first, nothing after our
 goodbye) are checked per command and raise LocalProtocolError.
+
+Requests: every Request gets exactly one answer, a Chunk or a Reject, and is
+pending on both ends until then; the downstream may not request a chunk again
+on the link while a request for it is pending. A Cancel (at most one per
+request) is advisory and does not end the request: the upstream still answers
+it, with the chunk if it is sending it already, else with a Reject. A Cancel
+that crosses the answer on the wire finds nothing pending at the upstream and
+is ignored. Both ends therefore always agree which request an answer belongs
+to, which no counting of answers could guarantee while an upstream was free
+to drop a cancelled request without a word.
 """
 
 from __future__ import annotations
@@ -145,14 +155,16 @@ class PeerConnection:
         self._hello_sent = False
         self._goodbye_sent = False
         self._swarms: dict[bytes, _Swarm] = {}
-        # Upstream: requests received and neither answered nor cancelled.
-        # Downstream: requests sent and neither answered nor cancelled.
+        # Every Request gets exactly one answer (a Chunk or a Reject), and a
+        # Cancel does not end it. So both ends agree which request an answer
+        # belongs to: at most one per key is ever pending on a link.
+        # Upstream: requests received and not answered yet.
+        # Downstream: requests sent and not answered yet.
         self._pending: set[_Key] = set()
-        # Downstream: answers that may still come per request key. A Cancel can
-        # cross the Chunk or Reject on the wire, so the upstream either answers
-        # a cancelled request or drops it, and we cannot tell which: cancelled
-        # keys stay here until answered, and an answer is legal while due.
-        self._answers_due: dict[_Key, int] = {}
+        # The pending requests a Cancel was sent (downstream) or received
+        # (upstream) for: one Cancel per request, so the upstream reports each
+        # at most once. A subset of _pending; answering clears the key.
+        self._cancelled: set[_Key] = set()
         self._body_key: _Key = (b"", 0)
         self._body_remaining = 0
 
@@ -171,11 +183,17 @@ class PeerConnection:
 
     @property
     def pending_requests(self) -> int:
-        """Requests neither answered nor cancelled (received if upstream, sent if downstream)."""
+        """Requests not answered yet, cancelled or not (sent; received if upstream)."""
         return len(self._pending)
 
     def is_pending(self, image_id: bytes, index: int) -> bool:
+        """A request for this chunk is unanswered: a downstream may not request it again yet."""
         return (image_id, index) in self._pending
+
+    def may_cancel(self, image_id: bytes, index: int) -> bool:
+        """Downstream: cancel() of this chunk is legal (pending, and not cancelled yet)."""
+        key = (image_id, index)
+        return self.role is Role.DOWNSTREAM and key in self._pending and key not in self._cancelled
 
     # ---- receiving ----------------------------------------------------------
 
@@ -332,17 +350,21 @@ class PeerConnection:
                 if len(self._pending) >= limits.MAX_QUEUED_REQUESTS_PER_LINK:
                     raise err(f"over {limits.MAX_QUEUED_REQUESTS_PER_LINK} requests pending")
                 self._pending.add((image_id, index))
-                if not upstream:
-                    self._answers_due[image_id, index] = (
-                        self._answers_due.get((image_id, index), 0) + 1
-                    )
             case m.Cancel(image_id=image_id, index=index):
                 self._swarm(msg, image_id, err)
-                if (image_id, index) not in self._pending:
+                key = (image_id, index)
+                if key not in self._pending:
                     if upstream:
-                        return False  # we answered it already: the Cancel crossed our answer
+                        # We answered it already: the Cancel crossed our answer.
+                        # It cannot be for a later request of the chunk: the
+                        # downstream requests it again only after our answer
+                        # arrived, so after this Cancel on the wire.
+                        return False
                     raise err(f"Cancel of chunk {index}, which is not pending")
-                self._pending.remove((image_id, index))  # downstream: still due
+                if key in self._cancelled:
+                    raise err(f"second Cancel of chunk {index} for one request")
+                # Advisory: the request stays pending until it is answered.
+                self._cancelled.add(key)
             case m.Done(image_id=image_id):
                 swarm = self._swarm(msg, image_id, err)
                 if swarm.done:
@@ -361,19 +383,14 @@ class PeerConnection:
         return swarm
 
     def _answered(self, msg: m.Message, key: _Key, err: type[P2PCastError]) -> None:
-        if self.role is Role.UPSTREAM:
-            if key not in self._pending:
-                raise err(f"{type(msg).__name__} for chunk {key[1]}: not requested, or cancelled")
-            self._pending.remove(key)
-            return
-        due = self._answers_due.get(key, 0)
-        if not due:
-            raise err(f"unsolicited {type(msg).__name__} for chunk {key[1]} of {key[0].hex()}")
-        if due == 1:
-            del self._answers_due[key]
-        else:
-            self._answers_due[key] = due - 1
-        self._pending.discard(key)
+        # The same rule both ways: exactly one answer per request, cancelled or not.
+        if key not in self._pending:
+            raise err(
+                f"unsolicited {type(msg).__name__} for chunk {key[1]} of {key[0].hex()}:"
+                " no request for it is pending"
+            )
+        self._pending.remove(key)
+        self._cancelled.discard(key)
 
     # ---- commands (send side) -------------------------------------------------
 

@@ -220,7 +220,11 @@ class Have(Message):
 @_message(5, IMAGE_ID, INDEX)
 @dataclass(frozen=True, slots=True)
 class Request(Message):
-    """Downstream -> upstream: send me this chunk."""
+    """Downstream -> upstream: send me this chunk.
+
+    It gets exactly one answer, a Chunk or a Reject, and stays pending on both
+    ends until then; the chunk may not be requested again on the link meanwhile.
+    """
 
     image_id: bytes
     index: int
@@ -239,7 +243,11 @@ class Chunk(Message):
 @_message(7, IMAGE_ID, INDEX, REASON)
 @dataclass(frozen=True, slots=True)
 class Reject(Message):
-    """Upstream -> downstream: I cannot serve this request."""
+    """Upstream -> downstream: I will not serve this request (``reason`` says why).
+
+    Also the answer to a cancelled request that was not being sent yet: every
+    request is answered, cancelled or not.
+    """
 
     image_id: bytes
     index: int
@@ -249,7 +257,12 @@ class Reject(Message):
 @_message(8, IMAGE_ID, INDEX)
 @dataclass(frozen=True, slots=True)
 class Cancel(Message):
-    """Downstream -> upstream: I no longer want this chunk (it may cross the answer)."""
+    """Downstream -> upstream: I no longer want this chunk. Advisory, once per request.
+
+    The request stays pending: the upstream still answers it, with the chunk if
+    it is sending it already, else with a Reject. A Cancel that crossed the
+    answer on the wire is ignored by the upstream.
+    """
 
     image_id: bytes
     index: int
@@ -360,7 +373,12 @@ class RequestRejected:
 
 @dataclass(frozen=True, slots=True)
 class RequestCancelled:
-    """Only for a request still unanswered here: a Cancel that crossed our answer is dropped."""
+    """The downstream cancelled a request we have not answered yet.
+
+    The request stays pending and must still be answered: with the chunk if it
+    is being sent, else with a Reject. A Cancel that crossed our answer is
+    dropped without an event.
+    """
 
     image_id: bytes
     index: int
