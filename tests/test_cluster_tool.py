@@ -231,7 +231,8 @@ def test_shaping_limits_the_rate(make_name: Callable[[str], tuple[str, str]]) ->
     print(f"n1 -> n2 at 80mbit: {rate:.2f} MB/s; ack class {acks}, bulk class {bulk}")
     assert 6.0 <= rate <= 11.0
     # The receiver's ACKs went through the small-packet class, not behind bulk data.
-    assert acks[1] > 100 and acks[0] / acks[1] < 128
+    # (a SYN and a FIN are small too, but only a handful: the ACKs are the bulk)
+    assert acks[1] > 20 and acks[0] / acks[1] < 128
     assert bulk[0] >= 5 * MB
 
 
