@@ -104,8 +104,11 @@ class SwarmConfig:
     #: Beyond this it answers "busy": a request stuck behind many others on
     #: one uplink is worse than the same request sent to an idle holder.
     serve_slots: int = 2
-    #: After a "busy" answer, leave that peer alone this many chunk times.
+    #: After a "busy" answer, leave that peer alone this many chunk times ...
     busy_backoff_chunks: float = 2.0
+    #: ... but never longer than this (s): a busy upstream frees a slot within
+    #: a chunk time or two, even on slow links (4 MiB at 10 Mbit/s: 3.4 s).
+    busy_backoff_max: float = 5.0
     #: Downstreams served beyond serve_slots, only for neighbours that have
     #: announced fewer than ``starter_chunks`` chunks: at start-up a holder's
     #: slots otherwise go to nodes that already hold (and serve) chunks while
@@ -422,7 +425,11 @@ class Swarm:
             self.peer_banned(source, now)
         elif busy:
             self.busy_answers += 1
-            peer.busy_until = now + self.config.busy_backoff_chunks * self._expected_chunk_time()
+            backoff = self.config.busy_backoff_chunks * self._expected_chunk_time()
+            # Capped: the chunk time comes from measured rates, which timeouts
+            # halve again and again (a peer with none gets 1 B/s); uncapped, a
+            # simulated node waited out a back-off of 8.4 million seconds.
+            peer.busy_until = now + min(backoff, self.config.busy_backoff_max)
         elif peer.bits[index]:
             peer.bits[index] = 0  # it does not have it after all
             peer.announced -= 1

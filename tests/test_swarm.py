@@ -446,6 +446,20 @@ def test_busy_preferred_peer_is_left_alone_for_the_back_off() -> None:
     assert swarm.poll(until) == [RequestChunk(1, 1)]
 
 
+def test_busy_back_off_is_capped_when_rates_collapse() -> None:
+    # Timeouts halve a peer's measured rate, and a peer with none gets 1 B/s:
+    # "two chunk times" could then be days.
+    swarm = make(chunks=2, size=2, rank=0, have=[0], **QUIET)
+    all_up(swarm)
+    swarm.have_announced(1, 1, 0.0)
+    assert swarm.poll(0.0) == [RequestChunk(1, 1)]
+    swarm.peers[1].rate = 1.0
+    swarm._chunk_time = None  # as after a timeout's halving
+    swarm.chunk_failed(1, 1, 0.1, corrupt=False, busy=True)
+    assert swarm.peers[1].busy_until == 0.1 + swarm.config.busy_backoff_max
+    assert swarm.poll(0.1 + swarm.config.busy_backoff_max) == [RequestChunk(1, 1)]
+
+
 # ---- owners that die or lie ------------------------------------------------------
 
 
