@@ -8,6 +8,8 @@ origin, one RADOS object each::
     manifests/by-id/<32 hex image id>        manifest file: never changes
     tags/<name path>/<tag>                   the image id it points to (hex): moves
 
+(names and tag objects: p2pcast.origins.keys, shared by both stores)
+
 No gateway in the path: a node asks the OSD that holds a chunk, and CRUSH
 spreads chunks over OSDs. Reads and writes are librados' asynchronous
 operations, completed on the event loop from librados' callback thread, so
@@ -30,7 +32,6 @@ from typing import Any, Self
 
 from p2pcast import limits, manifest
 from p2pcast.errors import (
-    BadImageName,
     ChunkCorrupt,
     ConfigError,
     ImageNotFound,
@@ -40,6 +41,7 @@ from p2pcast.errors import (
 )
 from p2pcast.manifest import ChunkRef
 from p2pcast.names import ImageRef
+from p2pcast.origins import keys
 from p2pcast.origins.base import Origin, OriginConfig
 
 #: Seconds librados may take to reach the monitors when connecting.
@@ -50,11 +52,8 @@ OP_TIMEOUT = 30
 #: Operations in flight per origin: each read holds up to one chunk in memory;
 #: 16 concurrent 4 MiB reads already reached ~1.3 GiB/s here.
 MAX_OPS = 16
-#: A tag object holds 32 hex digits and a newline.
-MAX_TAG_BYTES = 64
 
 _POOL = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_TAG_BODY = re.compile(rb"[0-9a-f]{32}\n?")
 _QUERY_KEYS = frozenset({"conf", "id", "keyring"})
 #: errno values that mean the credentials or caps are wrong, not the cluster down.
 _DENIED = frozenset({errno.EACCES, errno.EPERM})
@@ -134,12 +133,10 @@ class RadosOrigin(Origin):
     async def get_manifest(self, ref: ImageRef) -> bytes:
         try:
             ioctx = await self._open(for_write=False)
-            body = await self._read(ioctx, _tag_key(ref), MAX_TAG_BYTES + 1)
+            body = await self._read(ioctx, keys.tag_key(ref), keys.MAX_TAG_BYTES + 1)
         except _Missing:
             raise ImageNotFound(f"image {ref} not found in pool {self.pool}") from None
-        if not _TAG_BODY.fullmatch(body):
-            raise OriginError(f"tag {ref} at {self.url} holds {body[:40]!r}, not an image id")
-        image_id = bytes.fromhex(body[:32].decode())
+        image_id = keys.tag_image_id(ref, self.url, body)
         try:
             return await self._manifest(ioctx, image_id)
         except _Missing:
@@ -157,7 +154,7 @@ class RadosOrigin(Origin):
             raise ImageNotFound(f"{what} not found in pool {self.pool}") from None
 
     async def _manifest(self, ioctx: Any, image_id: bytes) -> bytes:
-        key = _manifest_key(image_id)
+        key = keys.manifest_key(image_id)
         # Its size first: a read buffer of MAX_MANIFEST_BYTES for every manifest
         # would cost 12 MiB each time.
         size = await self._stat(ioctx, key)
@@ -175,7 +172,7 @@ class RadosOrigin(Origin):
         ioctx = await self._open(for_write=False)
         try:
             # One byte more than the manifest says, to notice a longer object.
-            data = await self._read(ioctx, _chunk_key(chunk), chunk.stored_size + 1)
+            data = await self._read(ioctx, keys.chunk_key(chunk), chunk.stored_size + 1)
         except _Missing:
             # A manifest names this chunk, so the origin has lost data.
             raise OriginError(f"chunk {chunk.key} is missing in pool {self.pool}") from None
@@ -191,7 +188,7 @@ class RadosOrigin(Origin):
     async def has_chunk(self, chunk: ChunkRef) -> bool:
         ioctx = await self._open(for_write=True)
         try:
-            size = await self._stat(ioctx, _chunk_key(chunk))
+            size = await self._stat(ioctx, keys.chunk_key(chunk))
         except _Missing:
             return False
         return size == chunk.stored_size
@@ -199,40 +196,24 @@ class RadosOrigin(Origin):
     async def list_images(self) -> list[tuple[ImageRef, bytes]]:
         ioctx = await self._open(for_write=False)
         try:
-            keys = await asyncio.to_thread(_list_keys, ioctx, "tags/")
+            names = await asyncio.to_thread(_list_keys, ioctx, keys.TAG_PREFIX)
         except self._lib.Error as exc:
             raise self._error("the image list", exc) from exc
-        refs = []
-        for key in keys:
-            name, _, tag = key.removeprefix("tags/").rpartition("/")
-            try:
-                refs.append(ImageRef(name, tag))
-            except BadImageName:
-                continue  # not ours
-        refs.sort(key=lambda r: (r.name, r.tag))
-
-        async def resolve(ref: ImageRef) -> tuple[ImageRef, bytes] | None:
-            try:
-                return ref, manifest.image_id_of(await self.get_manifest(ref))
-            except ImageNotFound:
-                return None  # untagged meanwhile
-
-        found = await asyncio.gather(*(resolve(ref) for ref in refs))
-        return [item for item in found if item is not None]
+        return await keys.resolve_tags(keys.tag_refs(names), self.get_manifest)
 
     # -- writing ---------------------------------------------------------------
 
     async def put_chunk(self, chunk: ChunkRef, data: bytes) -> None:
         if len(data) != chunk.stored_size:
             raise ValueError(f"chunk {chunk.key}: {len(data)} bytes, ref says {chunk.stored_size}")
-        await self._write(await self._open(for_write=True), _chunk_key(chunk), data)
+        await self._write(await self._open(for_write=True), keys.chunk_key(chunk), data)
 
     async def put_manifest(self, ref: ImageRef, data: bytes) -> None:
         await asyncio.to_thread(manifest.decode, data)  # refuse what no reader could use
         image_id = manifest.image_id_of(data)
         ioctx = await self._open(for_write=True)
-        await self._write(ioctx, _manifest_key(image_id), data)
-        await self._write(ioctx, _tag_key(ref), image_id.hex().encode() + b"\n")
+        await self._write(ioctx, keys.manifest_key(image_id), data)
+        await self._write(ioctx, keys.tag_key(ref), keys.tag_body(image_id))
 
     # -- librados -----------------------------------------------------------------
 
@@ -373,15 +354,3 @@ def _list_keys(ioctx: Any, prefix: str) -> list[str]:
 def _errno(exc: BaseException) -> int | None:
     code = getattr(exc, "errno", None)
     return abs(code) if isinstance(code, int) else None
-
-
-def _chunk_key(chunk: ChunkRef) -> str:
-    return f"chunks/{chunk.key[:2]}/{chunk.key}"
-
-
-def _manifest_key(image_id: bytes) -> str:
-    return f"manifests/by-id/{image_id.hex()}"
-
-
-def _tag_key(ref: ImageRef) -> str:
-    return f"tags/{ref.name}/{ref.tag}"

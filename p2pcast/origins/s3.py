@@ -8,6 +8,8 @@ bucket, as a directory origin's but for the tags::
     manifests/by-id/<32 hex image id>        manifest file: never changes
     tags/<name path>/<tag>                   the image id it points to (hex): moves
 
+(names and tag objects: p2pcast.origins.keys, shared by both stores)
+
 Every object is written by one PUT, which S3 makes atomic, and push writes the
 manifest last, then the tag, so a reader never sees a tag without its image.
 
@@ -41,7 +43,6 @@ from aiobotocore.session import AioSession
 
 from p2pcast import limits, manifest
 from p2pcast.errors import (
-    BadImageName,
     ChunkCorrupt,
     ConfigError,
     ImageNotFound,
@@ -53,6 +54,7 @@ from p2pcast.errors import (
 )
 from p2pcast.manifest import ChunkRef
 from p2pcast.names import ImageRef
+from p2pcast.origins import keys
 from p2pcast.origins.base import Origin, OriginConfig
 
 T = TypeVar("T")
@@ -78,8 +80,6 @@ READ_TIMEOUT = 30.0
 #: at 100 Mbit/s takes ~5.5 s; much slower is broken, not slow.
 REQUEST_TIMEOUT = 60.0
 
-#: A tag object holds 32 hex digits and a newline.
-MAX_TAG_BYTES = 64
 
 #: Read size for a body without a Content-Length (never sent by S3 for GET).
 _PIECE = 1 << 20
@@ -89,7 +89,6 @@ DEFAULT_REGION = "us-east-1"
 
 #: S3 bucket naming rules (RGW without rgw_relaxed_s3_bucket_names).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_TAG_BODY = re.compile(rb"[0-9a-f]{32}\n?")
 _QUERY_KEYS = frozenset({"endpoint", "profile", "region"})
 
 #: HTTP statuses and S3 error codes worth another attempt.
@@ -198,12 +197,10 @@ class S3Origin(Origin):
 
     async def get_manifest(self, ref: ImageRef) -> bytes:
         try:
-            body = await self._get(_tag_key(ref), MAX_TAG_BYTES, f"tag {ref}")
+            body = await self._get(keys.tag_key(ref), keys.MAX_TAG_BYTES, f"tag {ref}")
         except _Absent as absent:
             raise ImageNotFound(self._absent(f"image {ref}", absent)) from None
-        if not _TAG_BODY.fullmatch(body):
-            raise OriginError(f"tag {ref} at {self.url} holds {body[:40]!r}, not an image id")
-        image_id = bytes.fromhex(body[:32].decode())
+        image_id = keys.tag_image_id(ref, self.url, body)
         try:
             return await self._manifest(image_id)
         except _Absent:
@@ -221,7 +218,7 @@ class S3Origin(Origin):
             raise ImageNotFound(self._absent(what, absent)) from None
 
     async def _manifest(self, image_id: bytes) -> bytes:
-        data = await self._get(_manifest_key(image_id), limits.MAX_MANIFEST_BYTES, "a manifest")
+        data = await self._get(keys.manifest_key(image_id), limits.MAX_MANIFEST_BYTES, "a manifest")
         found = manifest.image_id_of(data)
         if found != image_id:
             # Stored under its id, so other bytes were written there.
@@ -232,7 +229,9 @@ class S3Origin(Origin):
 
     async def get_chunk(self, chunk: ChunkRef) -> bytes:
         try:
-            data = await self._get(_chunk_key(chunk), chunk.stored_size, f"chunk {chunk.key}", True)
+            data = await self._get(
+                keys.chunk_key(chunk), chunk.stored_size, f"chunk {chunk.key}", True
+            )
         except _Absent as absent:
             # A manifest names this chunk, so the origin has lost data.
             raise OriginError(self._absent(f"chunk {chunk.key}", absent, "is missing")) from None
@@ -241,7 +240,7 @@ class S3Origin(Origin):
         return data
 
     async def has_chunk(self, chunk: ChunkRef) -> bool:
-        key = _chunk_key(chunk)
+        key = keys.chunk_key(chunk)
 
         async def head(client: Any) -> int | None:
             try:
@@ -258,14 +257,13 @@ class S3Origin(Origin):
         return await self._call(head, f"chunk {chunk.key}") == chunk.stored_size
 
     async def list_images(self) -> list[tuple[ImageRef, bytes]]:
-        refs: list[ImageRef] = []
-
+        names: list[str] = []
         token: str | None = None
 
         async def page(client: Any) -> dict[str, Any]:
             extra = {"ContinuationToken": token} if token else {}
             reply: dict[str, Any] = await client.list_objects_v2(
-                Bucket=self.bucket, Prefix="tags/", **extra
+                Bucket=self.bucket, Prefix=keys.TAG_PREFIX, **extra
             )
             return reply
 
@@ -274,39 +272,25 @@ class S3Origin(Origin):
                 reply = await self._call(page, "the image list")
             except _Absent as absent:
                 raise OriginError(self._absent("the image list", absent)) from None
-            for item in reply.get("Contents", []):
-                name, _, tag = str(item.get("Key", "")).removeprefix("tags/").rpartition("/")
-                try:
-                    refs.append(ImageRef(name, tag))
-                except BadImageName:
-                    continue  # not ours
+            names += (str(item.get("Key", "")) for item in reply.get("Contents", []))
             if not reply.get("IsTruncated"):
                 break
             token = reply.get("NextContinuationToken")
-        refs.sort(key=lambda r: (r.name, r.tag))
-
-        async def resolve(ref: ImageRef) -> tuple[ImageRef, bytes] | None:
-            try:
-                return ref, manifest.image_id_of(await self.get_manifest(ref))
-            except ImageNotFound:
-                return None  # untagged meanwhile
-
-        found = await asyncio.gather(*(resolve(ref) for ref in refs))
-        return [item for item in found if item is not None]
+        return await keys.resolve_tags(keys.tag_refs(names), self.get_manifest)
 
     # -- writing ---------------------------------------------------------------
 
     async def put_chunk(self, chunk: ChunkRef, data: bytes) -> None:
         if len(data) != chunk.stored_size:
             raise ValueError(f"chunk {chunk.key}: {len(data)} bytes, ref says {chunk.stored_size}")
-        await self._put(_chunk_key(chunk), data, f"chunk {chunk.key}")
+        await self._put(keys.chunk_key(chunk), data, f"chunk {chunk.key}")
 
     async def put_manifest(self, ref: ImageRef, data: bytes) -> None:
         # Refuse to publish bytes that no reader could use (ManifestCorrupt).
         await asyncio.to_thread(manifest.decode, data)
         image_id = manifest.image_id_of(data)
-        await self._put(_manifest_key(image_id), data, f"manifest {image_id.hex()}")
-        await self._put(_tag_key(ref), image_id.hex().encode() + b"\n", f"tag {ref}")
+        await self._put(keys.manifest_key(image_id), data, f"manifest {image_id.hex()}")
+        await self._put(keys.tag_key(ref), keys.tag_body(image_id), f"tag {ref}")
 
     async def _put(self, key: str, data: bytes, what: str) -> None:
         async def put(client: Any) -> None:
@@ -537,19 +521,6 @@ class S3Origin(Origin):
 
     def _where(self) -> str:
         return ", ".join(e or "the default S3 endpoint" for e in self.endpoints)
-
-
-def _chunk_key(chunk: ChunkRef) -> str:
-    return f"chunks/{chunk.key[:2]}/{chunk.key}"
-
-
-def _manifest_key(image_id: bytes) -> str:
-    return f"manifests/by-id/{image_id.hex()}"
-
-
-def _tag_key(ref: ImageRef) -> str:
-    # ImageRef guarantees segments without "..", empty parts or a leading "/".
-    return f"tags/{ref.name}/{ref.tag}"
 
 
 def _code(exc: botocore.exceptions.ClientError) -> str:
