@@ -91,14 +91,11 @@ async def push(
     ``chunk_size`` None: :func:`auto_chunk_size` of the image's size.
     """
     started = time.monotonic()
-    if chunk_size is not None:
-        _check_options(chunk_size, concurrency)
     path = os.fspath(image_path)
     image_type = await asyncio.to_thread(detect_image_type, path)
     size = await asyncio.to_thread(_file_size, path)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(size)
-        _check_options(chunk_size, concurrency)
+    chunk_size = auto_chunk_size(size) if chunk_size is None else chunk_size
+    _check_options(chunk_size, concurrency)
     count = chunk_count_for(size, chunk_size)
     if size > limits.MAX_IMAGE_SIZE:
         raise BadImageFile(f"{path}: {size} bytes exceeds the {limits.MAX_IMAGE_SIZE}-byte limit")
