@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.cluster_bench --nodes 2,4,8 --rate 400mbit --size 256M \\
         --methods p2pcast,http,chain,aria2 --out bench/results/cluster.json [--plot] \\
-        [--scenarios fault-free,straggler,kill]
+        [--scenarios fault-free,straggler,kill] [--origin ceph]
 
 For each N a cluster of N node namespaces and an origin namespace is built with
 tools/cluster.py (every link shaped to --rate both ways, the origin's to
@@ -15,6 +15,13 @@ http.server``, and each method gets the same image onto every node:
 - aria2: BitTorrent, opentracker and a seeding aria2c in the origin, an aria2c per
   node (pieces of --piece-length, each hash-checked by aria2), all nodes seeding
   until the last is done.
+
+``--origin ceph`` puts the image in a real Ceph on the host instead (tools/ceph.py,
+3 OSDs, S3 through radosgw; bench/ceph_origin.py), shaped to --origin-rate in total:
+p2pcast reads its chunk objects, http (the status quo) has every node GET the whole
+image object, the chain's head GETs it once; aria2 is not run (its seeder is a file in
+the origin namespace). The origin bytes are then what radosgw says it sent (its perf
+counters), with the OSDs' reads beside them.
 
 ``--scenarios`` (comma list, default ``fault-free``) adds robustness runs, each
 on a cluster of its own, after the fault-free one of the same N. The faulty
@@ -68,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cluster_methods as cm
+from bench.ceph_origin import CephOrigin
 from p2pcast.cli import parse_size
 from p2pcast.demo import make_image
 from p2pcast.hashing import file_sha256
@@ -81,6 +89,9 @@ IMAGE_REF = ImageRef("bench", "latest")
 DEFAULT_NAME = "cbench"
 DEFAULT_SUBNET = "198.18.9.0/24"
 SCENARIOS = ("fault-free", "straggler", "kill")
+ORIGINS = ("http", "ceph")
+#: What can start from Ceph: aria2's seeder holds the file in the origin namespace.
+CEPH_METHODS = ("p2pcast", "http", "chain")
 #: The straggler's link: a quarter of everyone else's.
 STRAGGLER_DIVISOR = 4
 #: The kill comes when the victim holds this fraction of the image.
@@ -266,6 +277,9 @@ def summarize(
         record["last_ratio_stored"] = r(last, stored_floor)
     if "piece_length" in run.extra:  # aria2
         record["piece_length"] = run.extra["piece_length"]
+    if "ceph" in run.extra:  # Ceph's own counters: radosgw GETs, OSD reads
+        record["ceph"] = run.extra["ceph"]
+        record["origin_counted_bytes"] = run.extra["origin_counted_bytes"]
     if fault is not None:
         record |= fault_fields(n, run, ok, fault, fault_free)
     return record
@@ -303,9 +317,11 @@ def run_n(
     work: Path,
     scenario: str = "fault-free",
     earlier: list[dict[str, Any]] | None = None,
+    ceph: CephOrigin | None = None,
 ) -> list[dict[str, Any]]:
     """Every method (and repeat) at N in SCENARIO, on a cluster of its own; EARLIER
-    records of this invocation give the fault-free times the faults compare with."""
+    records of this invocation give the fault-free times the faults compare with.
+    With CEPH the origin is that Ceph on the host, at --origin-rate in total."""
     records: list[dict[str, Any]] = []
     floor = image["size"] / (parse_rate(args.rate) / 8)
     say = print if not args.quiet else (lambda *a, **k: None)
@@ -318,22 +334,29 @@ def run_n(
         n, args.rate, args.origin_rate, name=args.name, subnet=args.subnet, rates=rates
     ) as cluster:
         origin_ip = cluster.origin_address
-        with open(work / f"http-server-{n}{tag}.log", "wb") as log:
-            server = cluster.popen(
-                "origin",
-                [sys.executable, "-m", "http.server", "--bind", origin_ip, str(HTTP_PORT),
-                 "--directory", image["origin_dir"]],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+        server = None
+        if ceph is not None:
+            ceph.attach(cluster, parse_rate(args.origin_rate or args.rate))
+        else:
+            with open(work / f"http-server-{n}{tag}.log", "wb") as log:
+                server = cluster.popen(
+                    "origin",
+                    [sys.executable, "-m", "http.server", "--bind", origin_ip, str(HTTP_PORT),
+                     "--directory", image["origin_dir"]],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
         try:
-            _wait_port(origin_ip, HTTP_PORT)
+            if server is not None:
+                _wait_port(origin_ip, HTTP_PORT)
             for repeat in range(args.repeat):
                 for method in args.methods:
                     mwork = work / "runs" / f"{method}-n{n}{tag}-r{repeat}"
                     mwork.mkdir(parents=True)
                     setup = cm.Setup(
                         cluster=cluster,
-                        origin_url=f"http://{origin_ip}:{HTTP_PORT}",
+                        origin_url=(
+                            ceph.url if ceph is not None else f"http://{origin_ip}:{HTTP_PORT}"
+                        ),
                         origin_dir=Path(image["origin_dir"]),
                         image=Path(image["path"]),
                         image_ref=str(IMAGE_REF),
@@ -343,12 +366,21 @@ def run_n(
                         piece_length=parse_size(args.piece_length),
                         verbose=args.keep_logs is not None,
                         fault=fault,
+                        ceph=ceph,
                     )
                     time.sleep(args.settle)
-                    wire0 = cm.origin_tx_bytes(cluster)
+                    wire0 = _origin_wire(cluster, ceph)
+                    counters0 = None if ceph is None else ceph.counters()
                     try:
-                        run = cm.METHODS[method](setup, cm.CpuMeter(cluster))
-                        wire = cm.origin_tx_bytes(cluster) - wire0
+                        meter = cm.CpuMeter(cluster, None if ceph is None else ceph.pids)
+                        run = cm.METHODS[method](setup, meter)
+                        wire = _origin_wire(cluster, ceph) - wire0
+                        if ceph is not None and counters0 is not None:
+                            # What Ceph itself says it served replaces the method's count.
+                            served = ceph.counters().minus(counters0)
+                            run.extra["ceph"] = served
+                            run.extra["origin_counted_bytes"] = run.origin_bytes
+                            run.origin_bytes = served["rgw_get_bytes"]
                         if setup.victim is not None:  # the killed node is not verified
                             run.seconds.pop(setup.victim, None)
                             run.paths.pop(setup.victim, None)
@@ -369,8 +401,15 @@ def run_n(
                     records.append(rec)
                     say(_row(rec), flush=True)
         finally:
-            cm._stop([server])
+            if server is not None:
+                cm._stop([server])
     return records
+
+
+def _origin_wire(cluster: Cluster, ceph: CephOrigin | None) -> int:
+    """Bytes the origin has put on the wire: the origin namespace's link, or for a
+    Ceph on the host, what the host sent into the bridge."""
+    return cluster.host_tx_bytes() if ceph is not None else cm.origin_tx_bytes(cluster)
 
 
 def _keep_logs(work: Path, dest: Path) -> None:
@@ -576,6 +615,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--piece-length", default="1M", help="aria2: the torrent's piece length")
     ap.add_argument("--methods", default="p2pcast,http,chain")
     ap.add_argument(
+        "--origin", choices=ORIGINS, default="http",
+        help="http: a directory served over HTTP from the origin namespace; ceph: a real "
+        "Ceph on the host (tools/ceph.py), S3 through radosgw, shaped to --origin-rate "
+        f"(methods {', '.join(CEPH_METHODS)})",
+    )  # fmt: skip
+    ap.add_argument(
+        "--ceph-instance", default=None, metavar="NAME",
+        help="--origin ceph: use this running tools/ceph.py instance (its 3 OSDs, left "
+        "running) instead of starting one for the run",
+    )  # fmt: skip
+    ap.add_argument(
         "--scenarios", default="fault-free",
         help="comma list of fault-free, straggler (node of rank N//2 at a quarter of --rate), "
         "kill (that node SIGKILLed at 50%% of its progress); default %(default)s",
@@ -658,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [m for m in args.methods if m not in cm.METHODS]:
         print(f"cluster_bench: unknown methods {bad} (have {sorted(cm.METHODS)})", file=sys.stderr)
         return 2
+    if args.origin == "ceph" and (bad := [m for m in args.methods if m not in CEPH_METHODS]):
+        print(f"cluster_bench: {bad} cannot start from Ceph (have {CEPH_METHODS})", file=sys.stderr)
+        return 2
     counts = [int(x) for x in args.nodes.split(",")]
     scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
     bad = [x for x in scenarios if x not in SCENARIOS]
@@ -683,9 +736,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work, mounted = _scratch(size * (2 * max(counts) + 4))
     began = time.time()
+    ceph: CephOrigin | None = None
     try:
         chunk = None if args.chunk_size == "auto" else parse_size(args.chunk_size)
         image = prepare_image(work, size, args.image_kind, chunk)
+        if args.origin == "ceph":
+            ceph = CephOrigin.up(args.ceph_instance)
+            ceph.publish(Path(image["path"]), IMAGE_REF, image["chunk_size"])
         floor = image["size"] / (rate / 8)
         if not args.quiet:
             print(
@@ -700,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.quiet and header(scenario) != shown:
                     shown = header(scenario)
                     print(shown, flush=True)
-                runs += run_n(args, n, image, work, scenario, runs)
+                runs += run_n(args, n, image, work, scenario, runs, ceph)
     finally:
+        if ceph is not None:
+            ceph.down()
         if args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         else:
@@ -717,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             "origin_rate_bit": origin_rate,
             "size": size,
             "size_human": args.size,
+            "origin": args.origin,
             "methods": args.methods,
             "scenarios": scenarios,
             "repeat": args.repeat,

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.ceph_origin import CephOrigin
 from p2pcast import control
 from p2pcast.errors import DaemonUnavailable
 from tools.cluster import Cluster, netns_pids
@@ -61,6 +63,8 @@ START_TIMEOUT = 30.0
 
 #: The raw image file's name in the origin directory (for http and chain).
 RAW_NAME = "raw/image.tar"
+#: curl as the status quo runs it: quiet, errors shown, an HTTP error fails.
+CURL_OPTIONS = ("--silent", "--show-error", "--fail")
 
 
 @dataclasses.dataclass
@@ -89,7 +93,7 @@ class Setup:
     """What every method needs: the cluster, the origin's URL, the image and scratch space."""
 
     cluster: Cluster
-    origin_url: str  # http://ORIGIN_IP:PORT
+    origin_url: str  # http://ORIGIN_IP:PORT, or s3://BUCKET with ceph
     origin_dir: Path
     image: Path  # the raw image file (also at origin_dir / RAW_NAME)
     image_ref: str  # name:tag pushed to the origin
@@ -99,6 +103,16 @@ class Setup:
     piece_length: int = 1 << 20  # aria2: the torrent's piece length
     verbose: bool = False  # daemons log what they do (for --keep-logs)
     fault: Fault | None = None
+    #: The origin is a Ceph on the host (S3 through radosgw) instead of the origin
+    #: namespace's HTTP server: p2pcast reads its chunk objects, http and chain GET
+    #: the whole image object.
+    ceph: CephOrigin | None = None
+
+    def raw_source(self) -> list[str]:
+        """curl's arguments that fetch the whole raw image from the origin."""
+        if self.ceph is not None:
+            return self.ceph.curl_args()
+        return [f"{self.origin_url}/{RAW_NAME}"]
 
     @property
     def victim(self) -> str | None:
@@ -139,15 +153,16 @@ class CpuMeter:
     (that one also sees the kernel's softirq work for veths, bridge and shapers,
     which no process is charged for)."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, also: Callable[[], list[int]] | None = None) -> None:
         self.cluster = cluster
+        self.also = also  # PIDs outside the namespaces to count too (a Ceph on the host)
 
     def _ns(self) -> dict[int, tuple[int, int]]:
         out: dict[int, tuple[int, int]] = {}
-        for host in self.cluster.hosts.values():
-            for pid in netns_pids(host.namespace):
-                if (ticks := _proc_ticks(pid)) is not None:
-                    out[pid] = ticks
+        pids = [pid for host in self.cluster.hosts.values() for pid in netns_pids(host.namespace)]
+        for pid in pids + (self.also() if self.also is not None else []):
+            if (ticks := _proc_ticks(pid)) is not None:
+                out[pid] = ticks
         return out
 
     def start(self) -> None:
@@ -413,10 +428,12 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                 "--state-dir", str(state), "--control", _control(setup.work, node),
                 "--origin", setup.origin_url, "--loop", loop,
             ] + (["--verbose"] if setup.verbose else [])  # fmt: skip
+            env = os.environ | (setup.ceph.daemon_env() if setup.ceph is not None else {})
             with open(state / "daemon.log", "wb") as log:
                 procs[node] = cluster.popen(
-                    node, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-                )
+                    node, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env,
+                )  # fmt: skip
         asyncio.run(_ready(setup, procs))
         incomplete: dict[str, str] | None = None
         killer: Killer | None = None
@@ -481,7 +498,6 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
 def run_http(setup: Setup, meter: CpuMeter) -> MethodRun:
     """Every node downloads the whole image file from the origin at once (curl)."""
     cluster = setup.cluster
-    url = f"{setup.origin_url}/{RAW_NAME}"
     paths = {node: str(setup.work / f"{node}.tar") for node in cluster.nodes}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     victim = setup.victim
@@ -491,7 +507,7 @@ def run_http(setup: Setup, meter: CpuMeter) -> MethodRun:
         meter.start()
         t0 = time.monotonic()
         for node in cluster.nodes:
-            argv = ["curl", "--silent", "--show-error", "--fail", "--output", paths[node], url]
+            argv = ["curl", *CURL_OPTIONS, "--output", paths[node], *setup.raw_source()]
             procs[node] = cluster.popen(node, argv, stdin=subprocess.DEVNULL)
         if victim is not None and setup.fault is not None:
             progress = _file_progress(paths[victim], setup.size)
@@ -562,8 +578,16 @@ def run_chain(setup: Setup, meter: CpuMeter) -> MethodRun:
         meter.start()
         t0 = time.monotonic()
         t0_wall = time.time()
-        send = f"{nc} -N {addr[nodes[0]]} {CHAIN_PORT} < {setup.image}"
-        procs["origin"] = cluster.popen("origin", ["sh", "-c", send], stdin=subprocess.DEVNULL)
+        send = f"{nc} -N {addr[nodes[0]]} {CHAIN_PORT}"
+        if setup.ceph is None:
+            procs["origin"] = cluster.popen(
+                "origin", ["sh", "-c", f"{send} < {setup.image}"], stdin=subprocess.DEVNULL
+            )
+        else:  # the head GETs the image object from Ceph, on the host, into the chain
+            get = shlex.join(["curl", *CURL_OPTIONS, *setup.raw_source()])
+            procs["origin"] = subprocess.Popen(
+                ["sh", "-c", f"{get} | {send}"], stdin=subprocess.DEVNULL
+            )
         if victim is not None and setup.fault is not None:
             progress = _file_progress(paths[victim], setup.size)
             killer = Killer(cluster, victim, progress, setup.fault.at, t0).start()

@@ -57,23 +57,29 @@ def _require(tools: tuple[tuple[str, str], ...] = ALL_TOOLS) -> None:
         pytest.skip(reason)
 
 
+def _run(tmp_path: Path, name: str, subnet: str, args: list[str]) -> tuple[int, dict[str, Any]]:
+    """cluster_bench.main on cluster NAME in SUBNET, quiet, scratch under TMP_PATH; the
+    cluster is taken down whatever happens (a no-op when the run cleaned up)."""
+    out = tmp_path / "result.json"
+    common = ["--out", str(out), "--name", name, "--subnet", subnet, "--settle", "0.1",
+              "--workdir", str(tmp_path / "work"), "--quiet"]  # fmt: skip
+    try:
+        rc = cluster_bench.main(args + common)
+    finally:
+        assert cl.main(["down", "--name", name]) == 0  # idempotent; a no-op when clean
+    return rc, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_cluster_bench_small(tmp_path: Path) -> None:
     _require()
     name = f"cb{os.getpid() % 100000}"
-    out = tmp_path / "cluster.json"
     argv = [
         "--nodes", "2", "--rate", "200mbit", "--size", "16M",
-        "--methods", "p2pcast,http,chain,aria2", "--out", str(out),
-        "--name", name, "--subnet", "198.19.252.0/24", "--settle", "0.1",
-        "--timeout", "60", "--workdir", str(tmp_path / "work"), "--quiet",
+        "--methods", "p2pcast,http,chain,aria2", "--timeout", "60",
     ]  # fmt: skip
-    try:
-        rc = cluster_bench.main(argv)
-    finally:
-        assert cl.main(["down", "--name", name]) == 0  # idempotent; a no-op when clean
-    result = json.loads(out.read_text())
+    rc, result = _run(tmp_path, name, "198.19.252.0/24", argv)
     assert rc == 0, result["runs"]
     size = result["image"]["size"]
     assert size >= 16 << 20
@@ -124,19 +130,12 @@ def test_cluster_bench_faults(tmp_path: Path) -> None:
     once a hop dies, and that is reported as a result (exit status 0), not an error."""
     _require((("nc", "netcat-openbsd"), ("ss", "iproute2")))
     name = f"cf{os.getpid() % 100000}"
-    out = tmp_path / "faults.json"
     argv = [
         "--nodes", "4", "--rate", "200mbit", "--size", "16M", "--chunk-size", "1M",
         "--methods", "p2pcast,chain", "--scenarios", "kill,straggler,fault-free",
-        "--out", str(out), "--name", name, "--subnet", "198.19.253.0/24",
-        "--settle", "0.1", "--timeout", "30", "--workdir", str(tmp_path / "work"), "--quiet",
-        "--plot",
+        "--timeout", "30", "--plot",
     ]  # fmt: skip
-    try:
-        rc = cluster_bench.main(argv)
-    finally:
-        assert cl.main(["down", "--name", name]) == 0
-    result = json.loads(out.read_text())
+    rc, result = _run(tmp_path, name, "198.19.253.0/24", argv)
     assert rc == 0, result["runs"]
     # fault-free runs first, whatever the order asked
     assert result["params"]["scenarios"] == ["fault-free", "straggler", "kill"]
@@ -176,7 +175,7 @@ def test_cluster_bench_faults(tmp_path: Path) -> None:
     assert chain["others_completed"] < 3 and "survivors" in chain["failure"]
     assert chain["others_last_vs_fault_free"] is None
     assert runs["chain", "straggler"]["ok"]
-    assert (tmp_path / "faults_faults.png").stat().st_size > 0
+    assert (tmp_path / "result_faults.png").stat().st_size > 0
     assert not any(ns.startswith(f"{name}-") for ns in _namespaces())
     assert not cl.state_path(name).exists()
 
@@ -326,3 +325,52 @@ def test_plot_faults(tmp_path: Path) -> None:
     written = cluster_bench.plot(result, tmp_path / "r.json")
     assert {p.name for p in written} == {"r_faults.png", "r_time.png", "r_ratio.png"}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+# ---- Ceph as the origin ---------------------------------------------------------------
+
+
+def test_ceph_origin_refuses_aria2() -> None:
+    # aria2's seeder is a file in the origin namespace: it cannot start from Ceph.
+    argv = ["--origin", "ceph", "--methods", "p2pcast,aria2", "--nodes", "2", "--quiet"]
+    assert cluster_bench.main(argv) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_cluster_bench_ceph_origin(tmp_path: Path, ceph: Any) -> None:
+    """The session's real Ceph as the origin: what radosgw and the OSDs say they served."""
+    _require(ALL_TOOLS[:3])
+    name = f"cc{os.getpid() % 100000}"
+    argv = [
+        "--origin", "ceph", "--ceph-instance", ceph.name, "--nodes", "2",
+        "--rate", "200mbit", "--size", "16M", "--image-kind", "random",
+        "--methods", "p2pcast,http,chain", "--timeout", "60",
+    ]  # fmt: skip
+    rc, result = _run(tmp_path, name, "198.19.251.0/24", argv)
+    assert rc == 0, result["runs"]
+    assert result["params"]["origin"] == "ceph"
+    size = result["image"]["size"]
+    runs = {r["method"]: r for r in result["runs"]}
+    assert set(runs) == {"p2pcast", "http", "chain"}
+    for method, r in runs.items():
+        assert r["ok"] and r["verified"] == 2, r
+        served = r["ceph"]
+        # radosgw's own GET byte counter is the origin's count; the OSDs read it
+        assert r["origin_bytes"] == served["rgw_get_bytes"]
+        assert served["osd_read_bytes"] >= 0.99 * served["rgw_get_bytes"], (method, served)
+        # the host's traffic into the bridge carried it (plus headers)
+        assert r["origin_wire_bytes"] >= served["rgw_get_bytes"], (method, r)
+    # the status quo: every node GETs the whole image object (within a few header bytes)
+    assert runs["http"]["ceph"]["rgw_gets"] == 2
+    assert runs["http"]["origin_bytes"] == pytest.approx(2 * size, abs=64)
+    assert runs["chain"]["origin_bytes"] == pytest.approx(size, abs=64)
+    # p2pcast: each (incompressible) chunk about once, spread over all three OSDs
+    p2p = runs["p2pcast"]
+    assert p2p["origin_bytes"] <= 1.05 * size
+    assert p2p["origin_counted_bytes"] <= p2p["origin_bytes"]
+    assert all(b > 0 for b in p2p["ceph"]["osd_read_bytes_per_osd"].values())
+    assert len(p2p["ceph"]["osd_read_bytes_per_osd"]) == 3
+    # Ceph's daemons are counted in the run's CPU
+    assert p2p["cpu_seconds"] > 0
+    assert not any(ns.startswith(f"{name}-") for ns in _namespaces())

@@ -605,6 +605,20 @@ class Cluster:
         """Host name -> PIDs running in its namespace."""
         return {node: netns_pids(host.namespace) for node, host in self.hosts.items()}
 
+    def shape_host(self, rate_bit: int | str) -> None:
+        """Shape what the root namespace (the machine itself) sends into the bridge to
+        RATE_BIT, like an origin's link: a service on the host, such as a tools/ceph.py
+        Ceph reached through `tools.ceph.route_from`, then serves the nodes at most that
+        fast in total. The shaper sits on the bridge device, whose egress is only the
+        host's own traffic (node-to-node frames are switched between ports, not sent
+        by it); it goes with the bridge on `down`."""
+        require_privileges()
+        _batch("tc", _shaping(self.bridge, parse_rate(rate_bit), self.leaf, self.delay_ms))
+
+    def host_tx_bytes(self) -> int:
+        """Bytes the host has sent into the bridge so far (to the nodes and the origin)."""
+        return int(Path(f"/sys/class/net/{self.bridge}/statistics/tx_bytes").read_text())
+
 
 # ---- the CLI ----------------------------------------------------------------------
 
