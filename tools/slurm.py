@@ -66,6 +66,9 @@ P2PCAST_PORT = 7086
 NODE_RUN = "/run/p2pcast"
 NODE_LIB = "/var/lib/p2pcast"
 NODE_CONTROL = f"{NODE_RUN}/control.sock"
+#: A private tmpfs in every node, so that node-local staging is really per node
+#: (and a hook, run inside a node, cannot live there).
+NODE_PRIVATE = ("/tmp", "/dev/shm")
 #: The unprivileged user of the end-to-end tests (created by tools/setup.sh).
 TEST_USER = "p2pcast-test"
 #: Bound on `up` (it normally takes 2-3 s); past it, `up` fails with the logs.
@@ -319,8 +322,12 @@ def _write_config(state: dict[str, Any]) -> None:
     for kind in ("prolog", "epilog"):
         if state.get(kind):
             _write(d / f"{kind}.sh", _hook_wrapper(state, state[kind]), 0o755)
-    # "optional": a plugin that is not built yet must not stop srun or slurmd.
-    _write(d / "plugstack.conf", f"optional {state['spank']}\n")
+    # "optional": a plugin that fails to load does not stop srun or slurmd. One
+    # that is not built yet is left out all the same: every client would print two
+    # dlopen errors (make -C slurm, then `up` again, adds it).
+    spank = state["spank"]
+    line = f"optional {spank}" if os.path.exists(spank) else f"# optional {spank}  (not built)"
+    _write(d / "plugstack.conf", line + "\n")
     _write(d / "slurm.conf", _slurm_conf(state, host))
     for node in state["nodes"]:
         for sub in ("spool", "run", "lib"):
@@ -337,8 +344,7 @@ def _holder_script(state: Mapping[str, Any], node: str) -> str:
     return "\n".join(
         [
             f"hostname {q(node)}",
-            "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp",
-            "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm",
+            *(f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {p}" for p in NODE_PRIVATE),
             f"mount --bind {q(str(d / 'hosts'))} /etc/hosts",
             f"mount --bind {q(str(d / 'nodes' / node / 'run'))} {NODE_RUN}",
             f"mount --bind {q(str(d / 'nodes' / node / 'lib'))} {NODE_LIB}",
@@ -679,6 +685,8 @@ class Slurm:
         for hook in (prolog, epilog):
             if hook and not os.access(hook, os.X_OK):
                 raise SlurmError(f"hook {hook} is not an executable file")
+            if hook and any(Path(hook).resolve().is_relative_to(p) for p in NODE_PRIVATE):
+                raise SlurmError(f"hook {hook}: every node has its own /tmp; put it elsewhere")
         instance = _ceph_for(ceph)
         with _locked():
             _teardown(name)
