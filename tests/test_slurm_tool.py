@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_slurm import SlurmFactory, require_slurm
+from tests.helpers_slurm import NAME_PREFIX, SlurmFactory, require_slurm
 from tools import cluster as net_tool
 from tools import slurm as slurm_tool
+from tools.ceph import Ceph
 from tools.slurm import NODE_CONTROL, TEST_USER, Slurm, SlurmError
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "slurm.py"
@@ -92,6 +93,8 @@ def test_up_is_quick_and_every_node_is_idle(slurm: Slurm) -> None:
     assert slurm.problems() == []
     roles = sorted(r["role"] for r in slurm.daemons())
     assert roles == sorted(["munged", "slurmctld"] + ["holder", "slurmd", "p2pcast"] * 4)
+    # Unshaped by default (tools/cluster.py's shaped=False): no htb on the links.
+    assert "htb" not in in_node(slurm, "n1", "tc", "qdisc", "show", "dev", "eth0")
 
 
 def test_srun_as_the_test_user_runs_on_every_node(slurm: Slurm) -> None:
@@ -195,6 +198,46 @@ def test_hook_in_a_node_private_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SlurmError, match="own /tmp"):
         Slurm.up(1, name="tsbad", prolog=str(hook))
     assert not slurm_tool.state_path("tsbad").exists()
+
+
+def test_a_daemon_that_dies_fails_up_with_its_log_and_removes_everything() -> None:
+    require_slurm()
+    name = f"{NAME_PREFIX}{os.getpid() % 10000}f"
+    with pytest.raises(SlurmError) as failed:
+        Slurm.up(2, name=name, subnet="198.18.63.0/24", ceph="none", p2pcast_bin="/bin/false")
+    assert re.search(r"p2pcast n[12] exited with 1 \(.*/bin/false daemon", str(failed.value))
+    assert not slurm_tool.state_path(name).exists() and not slurm_tool.cluster_dir(name).exists()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert f"{name}-n1" not in listed.stdout
+
+
+def test_clusters_of_a_killed_test_run_are_reaped() -> None:
+    require_slurm()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = f"{NAME_PREFIX}{os.getpid() % 10000}o"
+    orphan = Slurm.up(
+        1, name=name, subnet="198.18.63.0/24", ceph="none", p2pcast=False, owner=dead.pid
+    )
+    assert name in slurm_tool.reap_orphans(prefix=NAME_PREFIX)
+    assert not slurm_tool.state_path(name).exists()
+    assert not any(net_tool.alive(r["pid"]) for r in orphan.daemons())
+    assert orphan.down() == []  # nothing left to do; reaps this process's children
+
+
+def test_ceph_gives_the_nodes_a_route_and_the_daemons_credentials(
+    slurm_cluster: SlurmFactory, ceph: Ceph
+) -> None:
+    slurm = slurm_cluster(1, ceph=ceph.name, prolog=None, epilog=None)
+    [daemon] = slurm.daemons("p2pcast")
+    environ = Path(f"/proc/{daemon['pid']}/environ").read_bytes().decode().split("\0")
+    assert f"P2PCAST_S3_ENDPOINTS={ceph.endpoint}" in environ
+    assert f"P2PCAST_S3_ACCESS_KEY_ID={ceph.access_key}" in environ
+    # radosgw answers an anonymous request from inside the node.
+    code = in_node(
+        slurm, "n1", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ceph.endpoint
+    )
+    assert code == "200"
 
 
 def test_down_leaves_nothing(slurm_cluster: SlurmFactory, slurm: Slurm) -> None:

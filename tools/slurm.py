@@ -318,7 +318,7 @@ def _write_config(state: dict[str, Any]) -> None:
     hosts = ["127.0.0.1\tlocalhost", f"{state['bridge_address']}\t{host}"]
     hosts += [f"{addr}\t{node}" for node, addr in state["nodes"].items()]
     _write(d / "hosts", "\n".join(hosts) + "\n")
-    state["p2pcast_bin"] = _p2pcast_bin(d)
+    state["p2pcast_bin"] = state.get("p2pcast_bin") or _p2pcast_bin(d)
     for kind in ("prolog", "epilog"):
         if state.get(kind):
             _write(d / f"{kind}.sh", _hook_wrapper(state, state[kind]), 0o755)
@@ -469,6 +469,7 @@ class _Bringup:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
         self.argvs: dict[int, list[str]] = {}
+        self.labels: dict[int, str] = {}  # "slurmd n3", "munged"
 
     def start(
         self, role: str, node: str, argv: Sequence[str], log: Path, env: Mapping[str, str]
@@ -486,6 +487,7 @@ class _Bringup:
         self.procs.append(proc)
         self.logs[proc.pid] = log
         self.argvs[proc.pid] = list(argv)
+        self.labels[proc.pid] = f"{role} {node}".strip()
         stat = net.proc_stat(proc.pid)
         record = {"role": role, "node": node, "pid": proc.pid, "start": stat[1] if stat else 0}
         self.state["daemons"].append(record | {"comm": COMMS.get(role, "?"), "log": str(log)})
@@ -504,12 +506,13 @@ class _Bringup:
             for proc in watch:
                 if proc.poll() is not None:
                     raise SlurmError(
-                        f"{what}: {shlex.join(self.argvs[proc.pid])} exited with "
-                        f"{proc.returncode}; its log:\n{_tail(self.logs[proc.pid])}"
+                        f"waiting for {what}: {self.labels[proc.pid]} exited with "
+                        f"{proc.returncode} ({shlex.join(self.argvs[proc.pid])}); its log "
+                        f"{self.logs[proc.pid]}:\n{_tail(self.logs[proc.pid])}"
                     )
             if self.left() <= 0:
                 logs = "\n".join(f"  {self.logs[p.pid]}:\n{_tail(self.logs[p.pid])}" for p in watch)
-                raise SlurmError(f"{what}: not ready after {READY_TIMEOUT:g} s\n{logs}")
+                raise SlurmError(f"{what}: not ready in time; the logs:\n{logs}")
             time.sleep(POLL_S)
 
     def run(self) -> None:
@@ -665,13 +668,15 @@ class Slurm:
         epilog: str | None = _default_hook("epilog"),
         spank: str = str(REPO / "slurm" / "build" / "spank_p2pcast.so"),
         p2pcast: bool = True,
+        p2pcast_bin: str | None = None,
         owner: int | None = None,
         timeout: float = READY_TIMEOUT,
     ) -> Slurm:
         """Build N nodes and start Slurm and the p2pcast daemons in them; replaces a
         cluster of the same NAME. RATE (e.g. "400mbit") shapes every link; ORIGIN is
         the daemons' default origin; CEPH routes the nodes to a tools/ceph.py instance
-        and gives the daemons its credentials. OWNER: a PID whose death lets
+        and gives the daemons its credentials; P2PCAST_BIN replaces the p2pcast command
+        (default: the checkout's). OWNER: a PID whose death lets
         `reap_orphans` take the cluster down (test runs)."""
         began = time.monotonic()
         net.check_name(name)
@@ -714,6 +719,7 @@ class Slurm:
                     "epilog": epilog,
                     "spank": spank,
                     "p2pcast": p2pcast,
+                    "p2pcast_bin": p2pcast_bin,
                 }
                 for path in (NODE_RUN, NODE_LIB):  # mount points for the nodes' binds
                     if not os.path.isdir(path):
@@ -858,6 +864,7 @@ def _cmd_up(args: argparse.Namespace, _cmd: list[str]) -> int:
         epilog=args.epilog or None,
         spank=args.spank,
         p2pcast=not args.no_p2pcast,
+        p2pcast_bin=args.p2pcast_bin,
     )
     slurm.detach()
     if args.json:
@@ -869,7 +876,8 @@ def _cmd_up(args: argparse.Namespace, _cmd: list[str]) -> int:
         f"{slurm.nodes[nodes[0]]}..{slurm.nodes[nodes[-1]]}, slurmctld on "
         f"{slurm.bridge_address}:{SLURMCTLD_PORT}"
     )
-    print(f'clients: export SLURM_CONF={slurm.conf}   (or: eval "$({sys.argv[0]} env)")')
+    named = "" if slurm.name == DEFAULT_NAME else f" --name {slurm.name}"
+    print(f'clients: export SLURM_CONF={slurm.conf}   (or: eval "$({sys.argv[0]} env{named})")')
     return 0
 
 
@@ -962,6 +970,11 @@ def _parser() -> argparse.ArgumentParser:
         help="SPANK plugin for plugstack.conf (optional: may not exist)",
     )
     up.add_argument("--no-p2pcast", action="store_true", help="no p2pcast daemons")
+    up.add_argument(
+        "--p2pcast-bin",
+        help="the p2pcast command for the daemons and hooks (default: <repo>/.venv/bin/p2pcast,"
+        " else this interpreter on the checkout's code)",
+    )
     up.add_argument("--json", action="store_true", help="print the state")
     up.set_defaults(func=_cmd_up)
     down = sub.add_parser("down", parents=[common], help="stop everything, remove the cluster")
