@@ -105,7 +105,7 @@ def test_srun_as_the_test_user_runs_on_every_node(slurm: Slurm) -> None:
 def test_each_daemon_answers_on_its_own_control_socket(slurm: Slurm) -> None:
     for node, address in slurm.nodes.items():
         # The p2pcast CLI inside the node, with its default socket path.
-        out = in_node(slurm, node, str(slurm.state["p2pcast_bin"]), "status")
+        out = in_node(slurm, node, slurm.p2pcast_bin, "status")
         assert "no broadcasts" in out
         # The node's /run/p2pcast is its own directory of the cluster's.
         inode = in_node(slurm, node, "stat", "-c", "%i", NODE_CONTROL)

@@ -526,7 +526,6 @@ class _Bringup:
             [
                 _tool("munged"),
                 "--foreground",
-                "--force",  # it runs as root here, which it otherwise refuses
                 f"--socket={sock}",
                 f"--key-file={d / 'munge' / 'munge.key'}",
                 f"--pid-file={d / 'munge' / 'munged.pid'}",
@@ -786,6 +785,11 @@ class Slurm:
     @property
     def conf(self) -> Path:
         return self.dir / "slurm.conf"
+
+    @property
+    def p2pcast_bin(self) -> str:
+        """The p2pcast command the daemons and hooks run (P2PCAST_BIN)."""
+        return str(self.state["p2pcast_bin"])
 
     def env(self) -> dict[str, str]:
         """Environment for Slurm clients (srun, sbatch, salloc, sinfo) on the host."""
