@@ -145,6 +145,8 @@ def test_prolog_sees_the_job_and_its_mounts_stay_in_the_node(slurm: Slurm) -> No
         # What the wrapper adds: Slurm passes neither PATH nor slurmd's environment.
         assert "/usr/sbin" in env["PATH"].split(":")
         assert env["P2PCAST_CONTROL"] == NODE_CONTROL
+        assert env["P2PCAST_RUN_DIR"] == "/run/p2pcast"
+        assert Path(env["P2PCAST_DEFAULTS"]).read_text().count("P2PCAST_") >= 3
         assert os.access(env["P2PCAST_BIN"], os.X_OK)
 
     # A SquashFS loop mount by the Prolog on n1 is visible to the job there, and
