@@ -264,3 +264,10 @@ def test_down_leaves_nothing(slurm_cluster: SlurmFactory, slurm: Slurm) -> None:
     assert not slurm.dir.exists() and not slurm_tool.state_path(slurm.name).exists()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
     assert str(slurm.dir) not in loops
+    # The host's /run/p2pcast and /var/lib/p2pcast, if `up` made them, go with the
+    # last cluster (here: unless another run's cluster is up).
+    made = slurm_tool.created_mount_points()
+    slurm_cluster.close()
+    if not list(slurm_tool.STATE_DIR.glob("*.json")):
+        assert not slurm_tool.CREATED_FILE.exists()
+        assert not [path for path in made if os.path.exists(path)]

@@ -50,6 +50,8 @@ from tools.cluster import ClusterError
 #: The checkout this file lives in: its slurm/ hooks and its .venv are the defaults.
 REPO = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(os.environ.get("P2PCAST_SLURM_DIR", "/run/p2pcast-slurm"))
+#: The mount points `up` made on the host (NODE_RUN, NODE_LIB, if missing).
+CREATED_FILE = STATE_DIR / "created-mount-points"
 DEFAULT_NAME = "slurm"
 #: Not tools/cluster.py's 198.18.0.0/24, the bench's 198.18.9.0/24, the tests'
 #: 198.19.x or Ceph's 198.19.254.0/24.
@@ -428,13 +430,37 @@ def _teardown(name: str) -> list[int]:
     stuck += net.remove(name)
     if d.exists():
         shutil.rmtree(d)
-    for path in (state or {}).get("created", []):
-        # Mount points made for the nodes' binds, unless another cluster uses them.
-        if not any(p != state_path(name) for p in STATE_DIR.glob("*.json")):
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
     state_path(name).unlink(missing_ok=True)
+    if not any(STATE_DIR.glob("*.json")):  # the last cluster: its mount points go too
+        _remove_mount_points()
     return stuck
+
+
+def _make_mount_points() -> None:
+    """The host directories the nodes bind their own over (/run/p2pcast,
+    /var/lib/p2pcast): made if missing, and listed in CREATED_FILE so that the
+    last cluster to go down removes them (whichever cluster made them)."""
+    made = set(created_mount_points())
+    for path in (NODE_RUN, NODE_LIB):
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o755)
+            made.add(path)
+    if made:
+        CREATED_FILE.write_text("".join(f"{p}\n" for p in sorted(made)))
+
+
+def created_mount_points() -> list[str]:
+    try:
+        return CREATED_FILE.read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def _remove_mount_points() -> None:
+    for path in created_mount_points():
+        with contextlib.suppress(OSError):  # not empty: someone else's now
+            os.rmdir(path)
+    CREATED_FILE.unlink(missing_ok=True)
 
 
 def _host_mounts_under(d: Path) -> list[str]:
@@ -713,7 +739,6 @@ class Slurm:
                 "dir": str(cluster_dir(name)),
                 "owner": owner,
                 "daemons": [],
-                "created": [],
             }
             _write_state(state)
             procs: list[subprocess.Popen[bytes]] = []
@@ -734,10 +759,7 @@ class Slurm:
                     "p2pcast": p2pcast,
                     "p2pcast_bin": p2pcast_bin,
                 }
-                for path in (NODE_RUN, NODE_LIB):  # mount points for the nodes' binds
-                    if not os.path.isdir(path):
-                        os.makedirs(path, mode=0o755)
-                        state["created"].append(path)
+                _make_mount_points()
                 _write_config(state)
                 _write_state(state)
                 env: dict[str, str] = {}
