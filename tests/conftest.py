@@ -1,4 +1,5 @@
-"""Session fixtures: one real single-node Ceph (tools/ceph.py) for the whole run.
+"""Session fixtures: one real single-node Ceph (tools/ceph.py) for the whole run,
+and a factory of real multi-node Slurm clusters (tools/slurm.py) per test module.
 
 It starts on first use (a run that selects no Ceph test never starts it) and
 stops at the end of the session, by PID. Skipped only when the Ceph programs
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers_slurm import SlurmFactory, slurm_factory
 from tools import ceph as ceph_tool
 from tools.ceph import Ceph
 
@@ -69,3 +71,11 @@ def ceph(librados: None) -> Iterator[Ceph]:
     finally:
         stuck = instance.down()
         assert not stuck, f"Ceph daemons {stuck} would not die"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[SlurmFactory]:
+    """Factory of real multi-node Slurm clusters (tools/slurm.py): call it with the
+    node count and `Slurm.up` keywords; every cluster it made goes down at the end
+    of the test module. See tests/helpers_slurm.py."""
+    yield from slurm_factory()

@@ -56,6 +56,9 @@ HTB_QUANTUM = 65536  # only has to exceed the largest (GSO) packet
 ACK_SHARE_DIVISOR = 20
 #: Its queue: small packets only, so a packet count, not bytes.
 ACK_LEAF = "pfifo limit 1000"
+#: The "leaf" of a cluster built with shaped=False: no qdisc at all, links run at
+#: veth speed (tools/slurm.py's default, where shaping is not the point).
+UNSHAPED = "none"
 _NAME_RE = re.compile(r"[a-z][a-z0-9]*")
 _RATE_UNITS = {"": 1, "bit": 1, "k": 10**3, "kbit": 10**3}
 _RATE_UNITS |= {"m": 10**6, "mbit": 10**6, "g": 10**9, "gbit": 10**9}
@@ -259,7 +262,7 @@ def _locked() -> Iterator[None]:
         os.close(fd)
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not _NAME_RE.fullmatch(name) or len(name) > MAX_NAME:
         raise ClusterError(
             f"bad cluster name {name!r}: lowercase letters and digits, starting with a letter, "
@@ -270,7 +273,7 @@ def _check_name(name: str) -> None:
 # ---- processes --------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) of PID, or None if there is none."""
     try:
         data = Path(f"/proc/{pid}/stat").read_text()
@@ -280,10 +283,10 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
-def _alive(pid: int, start: int | None = None) -> bool:
+def alive(pid: int, start: int | None = None) -> bool:
     """Running (a zombie counts as gone: PID 1 may reap late) and, if START is given,
     still the same process."""
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] not in ("Z", "X") and start in (None, stat[1])
 
 
@@ -308,18 +311,18 @@ def netns_pids(namespace: str) -> list[int]:
     return sorted(pids)
 
 
-def _stop(victims: Mapping[int, int]) -> list[int]:
+def stop_processes(victims: Mapping[int, int]) -> list[int]:
     """SIGTERM the PID -> start-time pairs, wait up to KILL_GRACE_S, SIGKILL the rest.
     Return the PIDs still alive after that (stuck in the kernel)."""
     live = dict(victims)
     for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 2.0)):
         for pid, start in live.items():
-            if _alive(pid, start):
+            if alive(pid, start):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
         deadline = time.monotonic() + grace
         while True:
-            live = {pid: start for pid, start in live.items() if _alive(pid, start)}
+            live = {pid: start for pid, start in live.items() if alive(pid, start)}
             if not live or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
@@ -398,14 +401,14 @@ def _teardown(name: str) -> list[int]:
     for _round in range(3):  # again, in case something forked while being stopped
         victims: dict[int, int] = {}
         for pid in [p for ns in namespaces for p in netns_pids(ns)]:
-            if (stat := _proc_stat(pid)) and stat[0] not in ("Z", "X"):
+            if (stat := proc_stat(pid)) and stat[0] not in ("Z", "X"):
                 victims[pid] = stat[1]
         # Recorded `exec --background` PIDs, if still the same processes (one may
         # have left the namespace, e.g. by nsenter).
-        victims |= {pid: start for pid, start in background.items() if _alive(pid, start)}
+        victims |= {pid: start for pid, start in background.items() if alive(pid, start)}
         if not victims:
             break
-        stuck = _stop(victims)
+        stuck = stop_processes(victims)
         background = {}
     links = _own_links(name)
     lines = [f"link del {ln}" for ln in links if not ln.endswith("-br")]
@@ -444,13 +447,16 @@ def _build(
     ]
     lines += [f"link set {h.veth} master {bridge} up" for h in hosts]
     _batch("ip", lines)
-    # Download: egress of the bridge-side veth, towards the host.
-    _batch("tc", [ln for h in hosts for ln in _shaping(h.veth, h.rate_bit, leaf, delay_ms)])
+    shaped = leaf != UNSHAPED
+    if shaped:
+        # Download: egress of the bridge-side veth, towards the host.
+        _batch("tc", [ln for h in hosts for ln in _shaping(h.veth, h.rate_bit, leaf, delay_ms)])
     for h in hosts:
         addr = f"addr add {h.address}/{net.prefixlen} dev {NS_IFACE}"
         _batch("ip", ["link set lo up", addr, f"link set {NS_IFACE} up"], netns=h.namespace)
-        # Upload: egress of the host's own end, towards the bridge.
-        _batch("tc", _shaping(NS_IFACE, h.rate_bit, leaf, delay_ms), netns=h.namespace)
+        if shaped:
+            # Upload: egress of the host's own end, towards the bridge.
+            _batch("tc", _shaping(NS_IFACE, h.rate_bit, leaf, delay_ms), netns=h.namespace)
     return {
         "name": name,
         "subnet": str(net),
@@ -492,11 +498,13 @@ class Cluster:
         name: str = DEFAULT_NAME,
         subnet: str = DEFAULT_SUBNET,
         rates: Mapping[str, int | str] | None = None,
+        shaped: bool = True,
     ) -> Cluster:
         """Build N nodes and an origin, every link at RATE_BIT bits/s each way (the
         origin's at ORIGIN_RATE_BIT; RATES overrides single hosts, e.g. a straggler
-        {"n3": "40mbit"}). Replaces a cluster of the same NAME."""
-        _check_name(name)
+        {"n3": "40mbit"}). Replaces a cluster of the same NAME. SHAPED=False adds no
+        qdisc at all (rates are then only recorded, and the leaf is UNSHAPED)."""
+        check_name(name)
         if not 1 <= n <= MAX_NODES:
             raise ClusterError(f"node count {n} out of range 1..{MAX_NODES}")
         try:
@@ -516,7 +524,12 @@ class Cluster:
         delay = parse_delay(delay_ms)
         require_privileges()
         with _locked():
-            leaf = _choose_leaf(name, delay)  # before tearing down: may refuse --delay
+            if shaped:
+                leaf = _choose_leaf(name, delay)  # before tearing down: may refuse --delay
+            elif delay:
+                raise ClusterError("a delay needs shaped links")
+            else:
+                leaf = UNSHAPED
             _teardown(name)
             try:
                 state = _build(name, n, link_rates | overrides, leaf, delay, str(net))
@@ -529,7 +542,7 @@ class Cluster:
     @classmethod
     def attach(cls, name: str = DEFAULT_NAME) -> Cluster:
         """The running cluster NAME (from its state file)."""
-        _check_name(name)
+        check_name(name)
         state = _read_state(name)
         if state is None:
             raise ClusterError(f"no cluster {name!r} is up (no {state_path(name)})")
@@ -659,16 +672,22 @@ def _print_hosts(cluster: Cluster) -> None:
     for node, host in cluster.hosts.items():
         pids = netns_pids(host.namespace)
         shown = ", ".join(f"{pid} ({_comm(pid)})" for pid in pids) or "-"
-        print(
-            f"{node:<8}{host.namespace:<16}{host.address:<16}{format_rate(host.rate_bit):<17}{shown}"
-        )
+        rate = "unshaped" if cluster.leaf == UNSHAPED else format_rate(host.rate_bit)
+        print(f"{node:<8}{host.namespace:<16}{host.address:<16}{rate:<17}{shown}")
+
+
+def remove(name: str) -> list[int]:
+    """Tear down cluster NAME by name (what `down` does): also after a crashed `up`,
+    with or without its state file; nothing to do if it is not there. Returns the
+    PIDs that would not die."""
+    check_name(name)
+    require_privileges()
+    with _locked():
+        return _teardown(name)
 
 
 def _cmd_down(args: argparse.Namespace, _cmd: list[str]) -> int:
-    _check_name(args.name)
-    require_privileges()
-    with _locked():
-        stuck = _teardown(args.name)
+    stuck = remove(args.name)
     if stuck:
         raise ClusterError(f"cluster {args.name} removed, but PIDs {stuck} would not die")
     return 0
@@ -711,7 +730,7 @@ def _cmd_exec(args: argparse.Namespace, cmd: list[str]) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stat = _proc_stat(proc.pid)
+    stat = proc_stat(proc.pid)
     with _locked():
         state = _read_state(cluster.name)
         if state is None:

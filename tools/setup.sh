@@ -9,6 +9,7 @@
 #      than pyproject.toml)
 #   4. check that Debian's python3-rados imports in the venv (the RADOS origin
 #      and tools/ceph.py need it), linking it in if it does not
+#   5. the unprivileged test user p2pcast-test (Slurm end-to-end tests), if absent
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,7 +30,16 @@ APT_PACKAGES=(
     # A real single-node Ceph (tools/ceph.py): monitor, OSDs, radosgw (S3),
     # the admin tools, and librados for Python (the RADOS origin)
     ceph-mon ceph-osd radosgw ceph-common python3-rados
+    # A real multi-node Slurm (tools/slurm.py): munge, the daemons, the clients,
+    # slurm/spank.h for the SPANK plugin; Charliecloud's ch-run and mmdebstrap
+    # for the end-to-end tests' container images; nsenter/unshare
+    slurmctld slurmd slurm-client munge libslurm-dev charliecloud-runtime mmdebstrap
+    util-linux
 )
+
+# The unprivileged user that submits jobs in the end-to-end tests (tools/slurm.py's
+# TEST_USER): a system user with a home directory, shared by every emulated node.
+TEST_USER=p2pcast-test
 
 PYTHON=/usr/bin/python3
 VENV=$ROOT/.venv
@@ -98,5 +108,15 @@ elif [[ -n $RADOS_SO ]]; then
 else
     say "python3-rados: not installed (apt-get install python3-rados)"
     exit 1
+fi
+# ---- 5. the test user ------------------------------------------------------------
+if id -u "$TEST_USER" >/dev/null 2>&1; then
+    say "test user $TEST_USER: present"
+elif ((EUID != 0)); then
+    say "test user $TEST_USER missing: run this script as root to create it"
+else
+    useradd --system --create-home --home-dir "/home/$TEST_USER" --shell /bin/bash \
+        --comment "p2pcast end-to-end tests" "$TEST_USER"
+    say "test user $TEST_USER: created"
 fi
 say "done: activate with 'source .venv/bin/activate'"
