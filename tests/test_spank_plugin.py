@@ -239,3 +239,122 @@ def test_a_bad_plugstack_argument_is_named(slurm_conf: dict[str, str], plugin: P
     out = _client(slurm_conf, "srun", "--help")
     assert out.returncode != 0
     assert "unknown plugstack.conf argument 'chrun=/usr/bin/ch-run'" in out.stderr
+
+
+# ---- the task: slurm_spank_task_init execs ch-run ----------------------------------
+
+HARNESS = Path(__file__).resolve().parent / "spank_harness.c"
+NOBODY = 65534
+#: Host programs copied (with their libraries) into the test image.
+IMAGE_PROGRAMS = ("/bin/sh",)
+
+
+def _copy_with_libraries(program: str, root: Path) -> None:
+    ldd = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    paths = [program, *re.findall(r"(/\S+\.so[.\d]*)", ldd)]
+    for path in paths:
+        dest = root / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+
+
+@pytest.fixture(scope="module")
+def task_world(plugin: Path) -> Iterator[dict[str, Path]]:
+    """A harness, a tiny image and a run directory, all readable by nobody."""
+    need(os.geteuid() == 0, "root (to run the task as another user)")
+    need(shutil.which("ch-run") is not None, "ch-run (apt charliecloud-runtime)")
+    need(shutil.which("setpriv") is not None, "setpriv (util-linux)")
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="p2pcast-spank-"))
+    try:
+        top.chmod(0o755)
+        harness = top / "harness"
+        subprocess.run(
+            ["gcc", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-rdynamic",
+             "-o", str(harness), str(HARNESS), "-ldl"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        shutil.copy2(plugin, top / plugin.name)  # where nobody can read it
+        root = top / "image"
+        for sub in ("etc", "data", "tmp", "dev", "proc", "sys", "home"):
+            (root / sub).mkdir(parents=True)
+        for program in IMAGE_PROGRAMS:
+            _copy_with_libraries(program, root)
+        (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+        (root / "etc" / "group").write_text("root:x:0:\n")
+        (root / "etc" / "marker").write_text("in-the-image\n")
+        host_data = top / "host-data"
+        host_data.mkdir()
+        (host_data / "marker").write_text("bound-from-host\n")
+        for path in [top, *top.rglob("*")]:
+            path.chmod(
+                path.stat().st_mode | 0o555 if path.is_dir() else path.stat().st_mode | 0o444
+            )
+        yield {
+            "top": top,
+            "harness": harness,
+            "root": root,
+            "data": host_data,
+            "plugin": top / plugin.name,
+        }
+    finally:
+        shutil.rmtree(top)
+
+
+def _task(
+    world: dict[str, Path], job: int, step: int, command: list[str], image: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    ch_run = shutil.which("ch-run")
+    argv = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        str(world["harness"]), str(world["plugin"]), str(job), str(step),
+        *(["--image", image] if image else []),
+        f"run_dir={world['top'] / 'run'}", f"ch_run={ch_run}", "--", *command,
+    ]  # fmt: skip
+    # No USER: the plugin must add it (ch-run refuses to start without it).
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/"}
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT, check=False
+    )
+
+
+SHOW = 'read a < /etc/marker; read b < /data/marker; echo "$a $b $USER"'
+BATCH_SCRIPT_STEP = 0xFFFFFFFB
+
+
+def test_task_runs_in_the_staged_image(task_world: dict[str, Path]) -> None:
+    from p2pcast import jobrecord
+
+    run = task_world["top"] / "run"
+    jobrecord.write_staged(
+        run, "71", "hpc/x:latest", task_world["root"], [f"{task_world['data']}:/data"]
+    )
+    out = _task(task_world, 71, 0, ["/bin/sh", "-c", SHOW])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "in-the-image bound-from-host nobody"
+    # srun made the command absolute on the submission host; the image has
+    # it elsewhere (or not there): ch-run searches the image's PATH instead.
+    out = _task(task_world, 71, 1, ["/opt/host-only/sh", "-c", "echo found"], image="hpc/x")
+    assert (out.returncode, out.stdout.strip()) == (0, "found"), out.stderr
+    # The batch script itself runs on the node as usual: no exec.
+    out = _task(task_world, 71, BATCH_SCRIPT_STEP, ["/bin/true"])
+    assert (out.returncode, out.stdout.strip()) == (0, "returned 0"), out.stderr
+    # One image per job: a step cannot ask for another.
+    out = _task(task_world, 71, 2, ["/bin/true"], image="hpc/other:1")
+    assert out.returncode == 3
+    assert "asks for --ch-image hpc/other:1 but job 71 staged hpc/x:latest" in out.stderr
+
+
+def test_task_fails_with_the_recorded_error(task_world: dict[str, Path]) -> None:
+    from p2pcast import jobrecord
+
+    run = task_world["top"] / "run"
+    jobrecord.write_failed(run, "72", "nosuch", "no image nosuch:latest at the origin")
+    out = _task(task_world, 72, 0, ["/bin/true"])
+    assert out.returncode == 3
+    assert "error: p2pcast: no image nosuch:latest at the origin" in out.stderr
+    # No record: a job without an image runs as usual, a step asking for one fails.
+    assert _task(task_world, 73, 0, ["/bin/true"]).stdout.strip() == "returned 0"
+    out = _task(task_world, 73, 0, ["/bin/true"], image="hpc/x")
+    assert out.returncode == 3 and "no staging record" in out.stderr
