@@ -164,6 +164,9 @@ def test_two_jobs_share_one_staged_copy(nodes: Nodes) -> None:
         assert str(root) in proc_mounts_under(nodes.run_dir(name))  # job 22 still uses it
         [staged] = nodes.request(name, "status")["staged"]
         assert staged["jobs"] == ["22"]
+    # Cleaning the cache keeps what a running job has staged.
+    removed = nodes.request("n1", "cache-gc")["removed"]
+    assert "hpc/sq" not in [e["name"] for e in removed]
     _ok(nodes.run_hooks(EPILOG, 22, SQUASH, nodes=both))
     for name in both:
         assert proc_mounts_under(nodes.run_dir(name)) == []
