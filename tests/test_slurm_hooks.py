@@ -22,7 +22,7 @@ from p2pcast.errors import NotPermitted
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
 from p2pcast.publish import push
-from tests.helpers_slurm import EPILOG, PROLOG, Nodes
+from tests.helpers_hooks import EPILOG, PROLOG, Nodes
 from tests.test_stage_support import (
     add_file,
     build_squashfs,
