@@ -318,6 +318,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         origin=args.origin,
         origin_config=origin_config(args),
         zero_copy=not args.no_sendfile,
+        # Beside the control socket unless given: /run/p2pcast for the system daemon.
+        run_dir=Path(args.run_dir or os.path.dirname(os.path.abspath(args.control))),
         options=BroadcastOptions(peer_timeout=args.peer_timeout),
     )
 
@@ -359,6 +361,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     ] or ["(none)"]
     emit(args, out, ("removed:\n" if args.action == "gc" else "") + "\n".join(lines))
     return 0
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from p2pcast import slurm_hooks
+
+    hook = slurm_hooks.run_prolog if args.hook == "prolog" else slurm_hooks.run_epilog
+    return hook(os.environ, sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -449,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_cache)
 
+    p = sub.add_parser(
+        "slurm",
+        help="the Slurm Prolog/Epilog (slurm/prolog, slurm/epilog): stage or release"
+        " the image of $SPANK_CH_IMAGE through the local daemon",
+    )
+    p.add_argument("hook", choices=("prolog", "epilog"))
+    p.set_defaults(func=cmd_slurm, json=False, verbose=False)
+
     p = sub.add_parser("demo", help="broadcast to N local daemons and compare (no root)")
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--size", type=parse_size, default=256 << 20, help="generated image size")
@@ -481,6 +498,12 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=int(env("P2PCAST_PORT", DEFAULT_PORT)))
     p.add_argument("--state-dir", default=env("P2PCAST_STATE_DIR", "/var/lib/p2pcast"))
     p.add_argument("--control", default=env("P2PCAST_CONTROL", control.DEFAULT_SOCKET))
+    p.add_argument(
+        "--run-dir",
+        default=env("P2PCAST_RUN_DIR"),
+        help="staged images and Slurm job records, on a tmpfs (default: the control"
+        " socket's directory, /run/p2pcast)",
+    )
     p.add_argument("--origin", default=env("P2PCAST_ORIGIN"), help="default origin URL")
     p.add_argument("--peer-timeout", type=float, default=30.0)
     p.add_argument("--loop", choices=LOOPS, default=env("P2PCAST_LOOP", "uvloop"))

@@ -21,9 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2pcast import control, hostlists
+from p2pcast import control, hostlists, jobspec
 from p2pcast import manifest as manifest_mod
-from p2pcast.errors import ConfigError, InternalError, P2PCastError, ProtocolError, UserError
+from p2pcast.errors import (
+    ConfigError,
+    InternalError,
+    NotPermitted,
+    P2PCastError,
+    ProtocolError,
+    UserError,
+)
+from p2pcast.jobstage import JobStaging
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.base import Origin, OriginConfig, open_origin, split_image_url
 from p2pcast.store import NodeCache
@@ -49,6 +57,8 @@ class DaemonConfig:
     #: settings of S3 and RADOS origins (endpoints, profile, ceph.conf, user)
     origin_config: OriginConfig = dataclasses.field(default_factory=OriginConfig)
     zero_copy: bool = True
+    #: staged images and Slurm job records (None: the stage/release operations are off)
+    run_dir: Path | None = None
     options: BroadcastOptions = dataclasses.field(default_factory=BroadcastOptions)
 
 
@@ -112,10 +122,17 @@ class Daemon:
         self.failed: dict[bytes, dict[str, Any]] = {}
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
+        self.staging = (
+            JobStaging(config.run_dir, config.state_dir) if config.run_dir is not None else None
+        )
 
     # ---- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
+        if self.staging is not None:
+            # Before the control socket opens: a Prolog must find the counts
+            # of the jobs still running, and no residue of a crash.
+            self.staging.recover()
         self.service.start()
         path = Path(self.config.control_socket)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +211,11 @@ class Daemon:
     async def _dispatch(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         op = body.get("op")
         if op == "ping":
-            result: dict[str, Any] = {"node": self.config.node, "port": self.service.port}
+            result: dict[str, Any] = {
+                "node": self.config.node,
+                "port": self.service.port,
+                "run_dir": str(self.config.run_dir or ""),
+            }
         elif op == "fetch":
             broadcast = await self.fetch(body)
             if body.get("wait", True):
@@ -202,9 +223,17 @@ class Daemon:
             result = broadcast.progress()
             if broadcast.error is not None:
                 raise broadcast.error
+        elif op == "stage":
+            self._require_root(body, op)
+            result = await self.stage(body, writer)
+        elif op == "release":
+            self._require_root(body, op)
+            result = await self._job_staging().release(jobspec.check_job_id(body.get("job")))
         elif op == "status":
             active = [b.progress() for b in self.service.broadcasts.values()]
             result = {"broadcasts": active + list(self.failed.values())}
+            if self.staging is not None:
+                result["staged"] = self.staging.describe()
         elif op == "cache-list":
             result = {"images": [e.to_dict() for e in self.cache.entries()]}
         elif op == "cache-gc":
@@ -225,7 +254,63 @@ class Daemon:
             except TimeoutError:
                 pass
 
+    @staticmethod
+    def _require_root(body: dict[str, Any], op: str) -> None:
+        # Staging mounts images and writes the records jobs run from: root's
+        # business (the Prolog and Epilog), not any local user's.
+        if body.get("_uid") != 0:
+            raise NotPermitted(f"only root may ask the daemon to {op} (the Slurm Prolog/Epilog)")
+
+    def _job_staging(self) -> JobStaging:
+        if self.staging is None:
+            raise ConfigError("this daemon stages no images for jobs: it has no run directory")
+        return self.staging
+
     # ---- operations -----------------------------------------------------------
+
+    async def stage(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> dict[str, Any]:
+        """A job's Prolog: broadcast the image across the allocation, stage it, record it.
+
+        Whatever fails, the job's record says why (its steps fail with that
+        message); the error also goes back to the Prolog, which decides
+        whether the node is at fault.
+        """
+        staging = self._job_staging()
+        job = jobspec.check_job_id(body.get("job"))
+        text = str(body.get("image", ""))
+        try:
+            image = jobspec.parse_image(text)
+            mounts = jobspec.parse_mounts(str(body.get("mounts") or ""))
+            uid, gid = int(body.get("uid", -1)), int(body.get("gid", -1))
+            if uid < 0 or gid < 0:
+                raise ConfigError("stage needs the job's uid and gid")
+            fetch_body = {k: body.get(k) for k in ("peers", "node", "addresses", "origin", "port")}
+            broadcast = await self.fetch({**fetch_body, "image": str(image), "job": job})
+            await self._watch(broadcast, writer)
+            if broadcast.error is not None:
+                raise broadcast.error
+            progress = broadcast.progress()
+            entry = await staging.stage(
+                job=job,
+                name=str(image),
+                image_id=broadcast.image_id.hex(),
+                image_path=Path(progress["path"]),
+                image_type=str(progress["image_type"]),
+                mounts=mounts,
+                uid=uid,
+                gid=gid,
+            )
+        except P2PCastError as exc:
+            log.warning("job %s: cannot provide %s: %s", job, text, exc)
+            await staging.fail(job, text, str(exc))
+            raise
+        return {
+            **progress,
+            "job": job,
+            "root": str(entry.staged.path),
+            "method": entry.staged.method,
+            "jobs_sharing": len(entry.jobs),
+        }
 
     def origin(self, url: str | None) -> Origin:
         url = url or self.config.origin
@@ -289,6 +374,8 @@ class Daemon:
     async def gc(self) -> list[dict[str, Any]]:
         """Drop complete images that no broadcast is fetching."""
         busy = {b.image_id.hex() for b in self.service.broadcasts.values() if b.state != "complete"}
+        if self.staging is not None:
+            busy |= self.staging.busy_image_ids()  # mounted or unpacked for a running job
         for broadcast in list(self.service.broadcasts.values()):
             if broadcast.state == "complete":
                 await broadcast.stop()

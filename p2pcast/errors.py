@@ -6,6 +6,9 @@
     │   ├── BadHostlist               hostlist does not parse, or lacks this node
     │   ├── ImageNotFound             the origin has no such image
     │   ├── BadImageFile              the file given to push is not a known image
+    │   ├── BadMountSpec              a --ch-mount the job asked for is malformed, or
+    │   │                             names a mount point the image cannot have
+    │   ├── NotPermitted              the caller may not ask for this (stage as non-root)
     │   └── ConfigError               bad option or configuration value
     ├── RemoteError                   another party misbehaved or failed
     │   ├── PeerError                 a peer daemon
@@ -58,6 +61,14 @@ class ImageNotFound(UserError):
 
 
 class BadImageFile(UserError):
+    pass
+
+
+class BadMountSpec(UserError):
+    pass
+
+
+class NotPermitted(UserError):
     pass
 
 
