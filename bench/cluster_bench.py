@@ -493,6 +493,8 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     floor = result["floor_seconds"]
     p = result["params"]
     title = f"{p['size_human']} image, links {p['rate']} (floor S/B = {floor:.2f} s)"
+    if p.get("origin") == "ceph":
+        title += ", origin: Ceph S3"
     for kind in ("time", "ratio"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method in methods:
