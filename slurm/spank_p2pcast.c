@@ -547,6 +547,18 @@ static char **task_env(char **env, char *user_var, size_t len)
     return out;
 }
 
+/* Exit status of a task that cannot run in its image. */
+#define TASK_FAILED 1
+
+/* End the task here, in its own process, just before it would exec its
+ * command: returning -1 fails the step only where plugstack.conf says
+ * "required"; under "optional" Slurm logs it and runs the command on the host,
+ * outside the image the user asked for. */
+static int fail_task(void)
+{
+    _exit(TASK_FAILED);
+}
+
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
     uint32_t job_id = 0, step_id = 0;
@@ -578,17 +590,17 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         slurm_error("p2pcast: --ch-image %s: no staging record %s: images are staged when the "
                     "job starts; give --ch-image to sbatch/salloc (is the p2pcast Prolog "
                     "configured, with PrologFlags=Alloc?)", opt_image, dir);
-        return -1;
+        return fail_task();
     }
     if (read_small(dir, "error", line, sizeof(line)) == 0) {
         slurm_error("p2pcast: %s", line);
-        return -1;
+        return fail_task();
     }
     snprintf(probe, sizeof(probe), "%s/root", dir);
     n = readlink(probe, root, sizeof(root) - 1);
     if (n <= 0) {
         slurm_error("p2pcast: incomplete staging record %s: no root", dir);
-        return -1;
+        return fail_task();
     }
     root[n] = '\0';
     if (have_image && read_small(dir, "image", line, sizeof(line)) == 0) {
@@ -596,7 +608,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         if (strcmp(want, line)) {
             slurm_error("p2pcast: this step asks for --ch-image %s but job %u staged %s: "
                         "one image per job", opt_image, job_id, line);
-            return -1;
+            return fail_task();
         }
     }
     if (read_small(dir, "mounts", mounts, sizeof(mounts)) < 0)
@@ -604,12 +616,12 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 ||
         spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS) {
         slurm_error("p2pcast: cannot get the step's command and environment");
-        return -1;
+        return fail_task();
     }
     args = calloc((size_t)argc + EXTRA_ARGS + 1, sizeof(char *));
     if (!args) {
         slurm_error("p2pcast: out of memory");
-        return -1;
+        return fail_task();
     }
     args[nargs++] = conf.ch_run;
     for (cursor = mounts; *cursor && n_mounts < MAX_MOUNTS; cursor = next) {
@@ -638,5 +650,5 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     execve(conf.ch_run, args, task_env(env, user_var, sizeof(user_var)));
     slurm_error("p2pcast: cannot run %s: %m", conf.ch_run);
     free(args);
-    return -1;
+    return fail_task();
 }

@@ -319,6 +319,10 @@ def _task(
     )
 
 
+#: spank_p2pcast.c's TASK_FAILED: a task that cannot run in its image ends its own
+#: process with it (a -1 from an "optional" plugin would be ignored by Slurm).
+TASK_FAILED = 1
+
 SHOW = 'read a < /etc/marker; read b < /data/marker; echo "$a $b $USER"'
 BATCH_SCRIPT_STEP = 0xFFFFFFFB
 
@@ -342,7 +346,7 @@ def test_task_runs_in_the_staged_image(task_world: dict[str, Path]) -> None:
     assert (out.returncode, out.stdout.strip()) == (0, "returned 0"), out.stderr
     # One image per job: a step cannot ask for another.
     out = _task(task_world, 71, 2, ["/bin/true"], image="hpc/other:1")
-    assert out.returncode == 3
+    assert out.returncode == TASK_FAILED
     assert "asks for --ch-image hpc/other:1 but job 71 staged hpc/x:latest" in out.stderr
 
 
@@ -352,9 +356,9 @@ def test_task_fails_with_the_recorded_error(task_world: dict[str, Path]) -> None
     run = task_world["top"] / "run"
     jobrecord.write_failed(run, "72", "nosuch", "no image nosuch:latest at the origin")
     out = _task(task_world, 72, 0, ["/bin/true"])
-    assert out.returncode == 3
+    assert out.returncode == TASK_FAILED
     assert "error: p2pcast: no image nosuch:latest at the origin" in out.stderr
     # No record: a job without an image runs as usual, a step asking for one fails.
     assert _task(task_world, 73, 0, ["/bin/true"]).stdout.strip() == "returned 0"
     out = _task(task_world, 73, 0, ["/bin/true"], image="hpc/x")
-    assert out.returncode == 3 and "no staging record" in out.stderr
+    assert out.returncode == TASK_FAILED and "no staging record" in out.stderr

@@ -342,7 +342,12 @@ def _write_config(state: dict[str, Any]) -> None:
     # that is not built yet is left out all the same: every client would print two
     # dlopen errors (make -C slurm, then `up` again, adds it).
     spank = state["spank"]
-    line = f"optional {spank}" if os.path.exists(spank) else f"# optional {spank}  (not built)"
+    args = "".join(f" {arg}" for arg in state.get("spank_args", []))
+    line = (
+        f"optional {spank}{args}"
+        if os.path.exists(spank)
+        else f"# optional {spank}{args}  (not built)"
+    )
     _write(d / "plugstack.conf", line + "\n")
     _write(d / "slurm.conf", _slurm_conf(state, host))
     for node in state["nodes"]:
@@ -706,6 +711,7 @@ class Slurm:
         prolog: str | None = _default_hook("prolog"),
         epilog: str | None = _default_hook("epilog"),
         spank: str = str(REPO / "slurm" / "build" / "spank_p2pcast.so"),
+        spank_args: Sequence[str] = (),
         p2pcast: bool = True,
         p2pcast_bin: str | None = None,
         owner: int | None = None,
@@ -713,7 +719,8 @@ class Slurm:
     ) -> Slurm:
         """Build N nodes and start Slurm and the p2pcast daemons in them; replaces a
         cluster of the same NAME. RATE (e.g. "400mbit") shapes every link; ORIGIN is
-        the daemons' default origin; CEPH routes the nodes to a tools/ceph.py instance
+        the daemons' default origin; SPANK_ARGS ("key=value") follow the plugin in
+        plugstack.conf; CEPH routes the nodes to a tools/ceph.py instance
         and gives the daemons its credentials; P2PCAST_BIN replaces the p2pcast command
         (default: the checkout's). OWNER: a PID whose death lets
         `reap_orphans` take the cluster down (test runs)."""
@@ -756,6 +763,7 @@ class Slurm:
                     "prolog": prolog,
                     "epilog": epilog,
                     "spank": spank,
+                    "spank_args": list(spank_args),
                     "p2pcast": p2pcast,
                     "p2pcast_bin": p2pcast_bin,
                 }
@@ -903,6 +911,7 @@ def _cmd_up(args: argparse.Namespace, _cmd: list[str]) -> int:
         prolog=args.prolog or None,
         epilog=args.epilog or None,
         spank=args.spank,
+        spank_args=args.spank_arg,
         p2pcast=not args.no_p2pcast,
         p2pcast_bin=args.p2pcast_bin,
     )
@@ -1008,6 +1017,13 @@ def _parser() -> argparse.ArgumentParser:
         "--spank",
         default=str(REPO / "slurm" / "build" / "spank_p2pcast.so"),
         help="SPANK plugin for plugstack.conf (optional: may not exist)",
+    )
+    up.add_argument(
+        "--spank-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an argument for the plugin in plugstack.conf, e.g. check_image=PATH (repeat)",
     )
     up.add_argument("--no-p2pcast", action="store_true", help="no p2pcast daemons")
     up.add_argument(
