@@ -21,6 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from p2pcast.manifest import Manifest
 from p2pcast.names import ImageRef
 from p2pcast.origins.base import OriginConfig, open_origin
 from p2pcast.publish import push
@@ -65,19 +66,21 @@ class Counters:
 class CephOrigin:
     """The running instance, the bucket and how each method reaches it."""
 
-    def __init__(self, ceph: Ceph, owned: bool = True) -> None:
+    def __init__(self, ceph: Ceph, owned: bool = True, raw_key: str = RAW_KEY) -> None:
         self.ceph = ceph
         self.owned = owned  # started for this run: `down` stops it
         self.endpoint = ceph.endpoint
         self.url = f"s3://{BUCKET}"
-        self.raw_url = f"{self.endpoint}/{BUCKET}/{RAW_KEY}"
+        self.raw_key = raw_key
+        self.raw_url = f"{self.endpoint}/{BUCKET}/{raw_key}"
 
     @classmethod
-    def up(cls, instance: str | None = None) -> CephOrigin:
-        """Start the benchmark's own instance, or use the running INSTANCE (left running)."""
+    def up(cls, instance: str | None = None, raw_key: str = RAW_KEY) -> CephOrigin:
+        """Start the benchmark's own instance, or use the running INSTANCE (left running);
+        RAW_KEY names the object that holds the whole image."""
         if instance is not None:
-            return cls(Ceph.attach(instance), owned=False)
-        return cls(Ceph.up(OSDS, name=CEPH_NAME, address="auto"))
+            return cls(Ceph.attach(instance), owned=False, raw_key=raw_key)
+        return cls(Ceph.up(OSDS, name=CEPH_NAME, address="auto"), raw_key=raw_key)
 
     def down(self) -> list[int]:
         """Stop the instance if this run started it; the PIDs that would not die."""
@@ -90,12 +93,12 @@ class CephOrigin:
             s3_secret_key=self.ceph.secret_key,
         )
 
-    def publish(self, image: Path, ref: ImageRef, chunk_size: int | None) -> None:
+    def publish(self, image: Path, ref: ImageRef, chunk_size: int | None) -> Manifest:
         """Push IMAGE as REF in p2pcast's layout, then the same file as one object."""
 
-        async def run(body: BinaryIO) -> None:
+        async def run(body: BinaryIO) -> Manifest:
             async with open_origin(self.url, self.config()) as origin:
-                await push(str(image), origin, ref, chunk_size=chunk_size)
+                manifest = (await push(str(image), origin, ref, chunk_size=chunk_size)).manifest
             from aiobotocore.session import get_session
 
             async with get_session().create_client(
@@ -105,10 +108,11 @@ class CephOrigin:
                 aws_access_key_id=self.ceph.access_key,
                 aws_secret_access_key=self.ceph.secret_key,
             ) as client:
-                await client.put_object(Bucket=BUCKET, Key=RAW_KEY, Body=body)
+                await client.put_object(Bucket=BUCKET, Key=self.raw_key, Body=body)
+            return manifest
 
         with open(image, "rb") as body:
-            asyncio.run(run(body))
+            return asyncio.run(run(body))
 
     def attach(self, cluster: Cluster, rate_bit: int) -> None:
         """Give CLUSTER's nodes and origin a route to Ceph, at RATE_BIT in total."""

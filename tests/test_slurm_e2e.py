@@ -13,8 +13,8 @@ Epilog hooks of this checkout. Then, as the test user:
 - a second job with the same image reads no chunk from Ceph;
 - a wrong image name fails fast with a clear message and drains no node.
 
-The image is built once and kept in IMAGE_CACHE (about 30 s to build: 14 s of
-mmdebstrap, 14 s of mksquashfs), so later runs start at once.
+The image is built once by tools/testimage.py and kept in its cache
+(/var/cache/p2pcast-tests; ~30 s to build), so later runs start at once.
 """
 
 from __future__ import annotations
@@ -37,16 +37,11 @@ from tests.helpers_ceph import publish_sync, s3_config
 from tests.helpers_slurm import SlurmFactory
 from tools.ceph import Ceph
 from tools.slurm import TEST_USER, Slurm
+from tools.testimage import MARKER, MARKER_TEXT, debian_image
 
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-#: Built images, kept between runs (a rebuild needs the Debian mirror and ~30 s).
-IMAGE_CACHE = Path("/var/cache/p2pcast-tests")
-#: A file only the image has: the host is Debian 12 too, so os-release alone
-#: would not tell the image from the host.
-MARKER = "/etc/p2pcast-test-image"
-MARKER_TEXT = "p2pcast end-to-end test image"
 BUCKET = "e2e-images"
 NODES = 4
 #: Bound on one job (they take seconds); a hang becomes a failure with output.
@@ -57,30 +52,6 @@ EPILOG_WAIT = 30.0
 
 def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=True, **kw)
-
-
-def _build_images() -> tuple[Path, Path]:
-    """(tar, squashfs) of Debian bookworm minbase with MARKER, from the cache if there."""
-    tar, sqfs = IMAGE_CACHE / "debian-minbase.tar", IMAGE_CACHE / "debian-minbase.sqfs"
-    if tar.exists() and sqfs.exists():
-        return tar, sqfs
-    for tool in ("mmdebstrap", "mksquashfs"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: run tools/setup.sh")
-    IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=IMAGE_CACHE) as work:
-        part = Path(work) / "image.tar"
-        hook = f'echo "{MARKER_TEXT}" > "$1{MARKER}"'
-        _run(["mmdebstrap", "--quiet", "--variant=minbase", f"--customize-hook={hook}",
-              "bookworm", str(part)])  # fmt: skip
-        root = Path(work) / "root"
-        root.mkdir()
-        _run(["tar", "-C", str(root), "-xf", str(part)])
-        sq = Path(work) / "image.sqfs"
-        _run(["mksquashfs", str(root), str(sq), "-comp", "zstd", "-quiet", "-no-progress"])
-        os.replace(part, tar)
-        os.replace(sq, sqfs)
-    return tar, sqfs
 
 
 class World:
@@ -131,7 +102,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(slurm_cluster: SlurmFactory, ceph: Ceph) -> Iterator[World]:
-    tar, sqfs = _build_images()
+    tar, sqfs = debian_image()
     config = s3_config(ceph)
     images = {
         kind: publish_sync(path, f"s3://{BUCKET}", config, ImageRef("debian", kind))
