@@ -10,11 +10,13 @@ temporary directory (skipped only when munge is not installed, never in CI).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pcast import auth
+from p2pcast import auth, control
 from p2pcast.auth import (
     LibMunge,
     MungeAuth,
@@ -533,3 +535,90 @@ def test_real_munge_broadcast_refuses_a_users_credential(
 def test_auth_received_event_shape() -> None:
     assert AuthReceived("munge", b"x") == AuthReceived(method="munge", proof=b"x")
     assert pure.NONCE_SIZE == 32 and auth.MUNGE_CREDENTIAL_TTL >= 2 * 10
+
+
+# ---- the control socket checks its caller (SO_PEERCRED) ---------------------------
+
+_AS_USER = r"""
+import asyncio, json, sys
+from p2pcast import control
+from p2pcast.errors import P2PCastError
+
+async def main(path):
+    asks = [
+        ("status", {}),
+        ("fetch", {"image": "rados://pool/img?conf=/tmp/evil.conf&keyring=/etc/shadow"}),
+        ("fetch", {"image": "img", "origin": "s3://b?endpoint=http://203.0.113.9:7480"}),
+        ("fetch", {"image": "img", "addresses": {"n1": "203.0.113.9:22"}}),
+        ("stage", {"job": "1", "image": "img"}),
+        ("release", {"job": "1"}),
+        ("cache-gc", {}),
+        ("shutdown", {}),
+        ("fetch", {"image": "test/node", "peers": "n1", "node": "n1"}),
+    ]
+    out = []
+    for op, args in asks:
+        try:
+            result = await control.request(path, op, **args)
+            out.append(["ok", result.get("state", "")])
+        except P2PCastError as exc:
+            out.append([type(exc).__name__, str(exc)])
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_control_socket_checks_its_caller(published: Published) -> None:
+    """A local user may ask for status and fetch the configured origin's images by
+    name; origin overrides, peer addresses, staging and stopping are root's."""
+    from p2pcast.daemon import Daemon, DaemonConfig
+
+    work = Path(tempfile.mkdtemp(prefix="p2pcast-control-"))  # reachable by nobody
+    work.chmod(0o755)
+    try:
+        config = DaemonConfig(
+            node="n1",
+            listen=HOST,
+            port=0,
+            state_dir=work / "state",
+            control_socket=str(work / "run" / "control.sock"),
+            origin=str(published.origin_dir),
+            run_dir=work / "run",
+            authenticator=cluster_auth(),
+        )
+
+        async def main() -> tuple[list[list[str]], dict[str, object]]:
+            daemon = Daemon(config)
+            await daemon.start()
+            try:
+                assert stat.S_IMODE((work / "run").stat().st_mode) == 0o755
+                assert stat.S_IMODE(os.stat(config.control_socket).st_mode) == 0o666
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", _AS_USER, config.control_socket,
+                    user=NOBODY, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), STEP_TIMEOUT)
+                assert proc.returncode == 0, err.decode()
+                # Root may choose another origin (here the same directory by URL).
+                as_root = await control.request(
+                    config.control_socket, "fetch", image="test/node",
+                    origin=f"file://{published.origin_dir}", peers="n1", node="n1",
+                )  # fmt: skip
+                return json.loads(out), as_root
+            finally:
+                await daemon.stop()
+
+        answers, as_root = asyncio.run(main())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    status, rados, s3, addresses, stage, release, gc, shutdown, by_name = answers
+    assert status[0] == "ok"
+    for answer in (rados, s3):
+        assert answer[0] == "NotPermitted" and "only root may choose the origin" in answer[1]
+    assert addresses[0] == "NotPermitted" and "addresses" in addresses[1]
+    for answer in (stage, release, gc, shutdown):
+        assert answer[0] == "NotPermitted" and "only root" in answer[1], answer
+    assert by_name == ["ok", "complete"]
+    assert as_root["state"] == "complete"
