@@ -35,6 +35,7 @@ from p2pcast.protocol import (
     pack_bits,
 )
 from p2pcast.protocol import Chunk as ChunkMsg
+from p2pcast.protocol.auth import NONCE_SIZE
 
 IMG = bytes(range(16))
 BATCH = 1000
@@ -99,13 +100,22 @@ def test_decode_bitfield_5000(benchmark: Benchmark) -> None:
 
 def open_pair(chunk_count: int = CHUNKS) -> tuple[PeerConnection, PeerConnection]:
     """A downstream subscribed to IMG at an upstream that has sent its Bitfield."""
-    down = PeerConnection(Role.DOWNSTREAM, "down")
-    up = PeerConnection(Role.UPSTREAM, "up")
+    down = PeerConnection(Role.DOWNSTREAM, "down", nonce=b"d" * NONCE_SIZE)
+    up = PeerConnection(Role.UPSTREAM, "up", nonce=b"u" * NONCE_SIZE)
     down.receive_data(up.hello())
-    up.receive_data(down.hello() + down.subscribe(IMG))
-    drain(up)  # HelloReceived, Subscribed
+    up.receive_data(down.hello())
+    drain(down)  # HelloReceived
+    drain(up)
+    down.receive_data(up.auth("none", b""))
+    up.receive_data(down.auth("none", b""))
+    drain(down)  # AuthReceived
+    drain(up)
+    down.accept_peer()
+    up.accept_peer()
+    up.receive_data(down.subscribe(IMG))
+    drain(up)  # Subscribed
     down.receive_data(up.bitfield(IMG, chunk_count, bytes(-(-chunk_count // 8))))
-    drain(down)  # HelloReceived, BitfieldReceived
+    drain(down)  # BitfieldReceived
     return down, up
 
 

@@ -44,6 +44,7 @@ import pytest
 from bench.rawpair import _receive, run_uvloop, scratch_dir
 from bench.support import MB, Benchmark
 from p2pcast import control
+from p2pcast.auth import SecretAuth, load_secret
 from p2pcast.demo import DemoCluster
 from p2pcast.names import ImageRef
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
@@ -105,7 +106,8 @@ async def _daemon_link(
     manifest = await origin.get_manifest(ImageRef("link"))
     cache = work / "fetcher"
     shutil.rmtree(cache, ignore_errors=True)
-    fetcher = PeerService("b", "127.0.0.1", 0, NodeCache(cache), zero_copy=zero_copy)
+    auth = SecretAuth(load_secret(seeder.secret_file))
+    fetcher = PeerService("b", "127.0.0.1", 0, NodeCache(cache), auth=auth, zero_copy=zero_copy)
     fetcher.start()
     peers = [Peer("n1", seeder.hosts["n1"], seeder.port), Peer("b", "127.0.0.1", fetcher.port)]
     options = BroadcastOptions(

@@ -48,6 +48,7 @@ from typing import Any
 
 from bench.ceph_origin import CephOrigin
 from p2pcast import control
+from p2pcast.auth import write_secret_file
 from p2pcast.errors import DaemonUnavailable
 from tools.cluster import Cluster, netns_pids
 
@@ -427,6 +428,7 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                 "--node", node, "--listen", address, "--port", str(P2PCAST_PORT),
                 "--state-dir", str(state), "--control", _control(setup.work, node),
                 "--origin", setup.origin_url, "--loop", loop,
+                "--auth", "secret", "--secret-file", str(write_secret_file(setup.work / "secret")),
             ] + (["--verbose"] if setup.verbose else [])  # fmt: skip
             env = os.environ | (setup.ceph.daemon_env() if setup.ceph is not None else {})
             with open(state / "daemon.log", "wb") as log:

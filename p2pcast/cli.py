@@ -237,6 +237,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return result
 
     async def in_process() -> dict[str, Any]:
+        from p2pcast.auth import SecretAuth
         from p2pcast.daemon import DEFAULT_PORT, Daemon, DaemonConfig
         from p2pcast.node import BroadcastOptions
 
@@ -246,6 +247,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         # Peers find each other on one agreed port; alone, any free port does.
         port = args.port if args.port is not None else (0 if alone else DEFAULT_PORT)
         config = DaemonConfig(
+            # Alone, no peer may join at all: a key nobody else has.
+            authenticator=SecretAuth(os.urandom(32)) if alone else None,
+            auth=args.auth,
+            secret_file=args.secret_file,
+            munge_socket=args.munge_socket,
             node=node,
             listen=args.listen,
             port=port,
@@ -321,6 +327,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         # Beside the control socket unless given: /run/p2pcast for the system daemon.
         run_dir=Path(args.run_dir or os.path.dirname(os.path.abspath(args.control))),
         options=BroadcastOptions(peer_timeout=args.peer_timeout),
+        auth=args.auth,
+        secret_file=args.secret_file,
+        munge_socket=args.munge_socket,
     )
 
     async def go() -> None:
@@ -438,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="0.0.0.0", help="in-process: address to serve peers on")
     p.add_argument("--state-dir", default=env("P2PCAST_STATE_DIR", "/var/tmp/p2pcast-fetch"))
     p.add_argument("--loop", choices=LOOPS, default="uvloop")
+    _auth_args(p, "in-process with peers: ")
     _origin_args(p)
     _common(p)
     p.set_defaults(func=cmd_fetch)
@@ -508,9 +518,37 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=float, default=30.0)
     p.add_argument("--loop", choices=LOOPS, default=env("P2PCAST_LOOP", "uvloop"))
     p.add_argument("--no-sendfile", action="store_true", help="use the read/write fallback")
+    _auth_args(p)
     _origin_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(json=False)
+
+
+def _auth_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """How peers prove they are daemons of this cluster (p2pcast.auth, THREAT_MODEL.md)."""
+    from p2pcast import auth
+
+    env = os.environ.get
+    g = p.add_argument_group("peer authentication")
+    g.add_argument(
+        "--auth",
+        choices=auth.MODES,
+        default=env("P2PCAST_AUTH", "auto"),
+        help=f"{prefix}munge, a shared secret, or none (accept any host); auto: munge if its"
+        " socket exists, else the secret file if it exists, else refuse to start"
+        " (default: P2PCAST_AUTH, else auto)",
+    )
+    g.add_argument(
+        "--secret-file",
+        default=env("P2PCAST_SECRET_FILE", auth.DEFAULT_SECRET_FILE),
+        help="the cluster's shared secret, readable by its owner only (default:"
+        f" P2PCAST_SECRET_FILE, else {auth.DEFAULT_SECRET_FILE})",
+    )
+    g.add_argument(
+        "--munge-socket",
+        default=env("P2PCAST_MUNGE_SOCKET", auth.DEFAULT_MUNGE_SOCKET),
+        help=f"munged's socket (default: P2PCAST_MUNGE_SOCKET, else {auth.DEFAULT_MUNGE_SOCKET})",
+    )
 
 
 def _origin_args(p: argparse.ArgumentParser) -> None:

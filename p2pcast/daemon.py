@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pcast import auth as peer_auth
 from p2pcast import control, hostlists, jobspec
 from p2pcast import manifest as manifest_mod
 from p2pcast.errors import (
@@ -60,6 +61,13 @@ class DaemonConfig:
     #: staged images and Slurm job records (None: the stage/release operations are off)
     run_dir: Path | None = None
     options: BroadcastOptions = dataclasses.field(default_factory=BroadcastOptions)
+    #: how peers prove they are daemons of this cluster: auto, munge, secret, none
+    #: (p2pcast.auth.choose)
+    auth: str = "auto"
+    secret_file: str = peer_auth.DEFAULT_SECRET_FILE
+    munge_socket: str = peer_auth.DEFAULT_MUNGE_SOCKET
+    #: a ready authenticator (tests, a lone in-process fetch); None: from the above
+    authenticator: peer_auth.Authenticator | None = None
 
 
 def listen_address(spec: str) -> str:
@@ -114,8 +122,18 @@ class Daemon:
         if removed:
             log.info("removed %d partial image(s) left by an earlier run", removed)
         self.listen = listen_address(config.listen)
+        # Before the port opens: a daemon that cannot authenticate peers never
+        # starts (auto never falls back to none).
+        self.authenticator = config.authenticator or peer_auth.choose(
+            config.auth, secret_file=config.secret_file, munge_socket=config.munge_socket
+        )
         self.service = PeerService(
-            config.node, self.listen, config.port, self.cache, zero_copy=config.zero_copy
+            config.node,
+            self.listen,
+            config.port,
+            self.cache,
+            auth=self.authenticator,
+            zero_copy=config.zero_copy,
         )
         self.origins: dict[str, Origin] = {}
         self.runs: dict[bytes, asyncio.Task[None]] = {}
@@ -135,16 +153,20 @@ class Daemon:
             self.staging.recover()
         self.service.start()
         path = Path(self.config.control_socket)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _control_dir(path.parent)
         if path.exists():
             path.unlink()
         self.server = await asyncio.start_unix_server(self._client, path=str(path))
-        os.chmod(path, 0o666)  # any local user may ask; the handler checks who asks
+        # Any local user may ask (status, fetch of the configured origin's
+        # images); each request is checked against its caller's uid
+        # (SO_PEERCRED), so the socket itself need not be restricted.
+        os.chmod(path, 0o666)
         log.info(
-            "p2pcast daemon %s listening on %s:%d, control %s",
+            "p2pcast daemon %s listening on %s:%d (peer auth: %s), control %s",
             self.config.node,
             self.config.listen,
             self.service.port,
+            self.authenticator.method,
             path,
         )
 
@@ -217,6 +239,7 @@ class Daemon:
                 "run_dir": str(self.config.run_dir or ""),
             }
         elif op == "fetch":
+            self._check_fetch_caller(body)
             broadcast = await self.fetch(body)
             if body.get("wait", True):
                 await self._watch(broadcast, writer)
@@ -237,8 +260,10 @@ class Daemon:
         elif op == "cache-list":
             result = {"images": [e.to_dict() for e in self.cache.entries()]}
         elif op == "cache-gc":
+            self._require_root(body, op)
             result = {"removed": await self.gc()}
         elif op == "shutdown":
+            self._require_root(body, op)
             self.stopping.set()
             result = {}
         else:
@@ -255,11 +280,44 @@ class Daemon:
                 pass
 
     @staticmethod
+    def _privileged(body: dict[str, Any]) -> bool:
+        """The caller is root, or the user the daemon runs as (who could do it all
+        without asking). ``_uid`` is the kernel's word (SO_PEERCRED), never the
+        client's: _client overwrites it."""
+        uid = body.get("_uid")
+        return uid == 0 or uid == os.geteuid()
+
+    @staticmethod
     def _require_root(body: dict[str, Any], op: str) -> None:
         # Staging mounts images and writes the records jobs run from: root's
-        # business (the Prolog and Epilog), not any local user's.
-        if body.get("_uid") != 0:
+        # business (the Prolog and Epilog), not any local user's. So are
+        # stopping the daemon and emptying its cache.
+        if not Daemon._privileged(body):
             raise NotPermitted(f"only root may ask the daemon to {op} (the Slurm Prolog/Epilog)")
+
+    def _check_fetch_caller(self, body: dict[str, Any]) -> None:
+        """A local user fetches from the daemon's configured origin, by name.
+
+        The daemon runs as root: an origin URL or its query from a user could
+        make it read any file as a ceph.conf or keyring, or send its origin
+        credentials to any endpoint; peer addresses and a port could aim its
+        connections anywhere. Only root chooses those.
+        """
+        if self._privileged(body):
+            return
+        named, _ = split_image_url(str(body.get("image", "")))
+        origin = body.get("origin")
+        for what, url in (("an image URL", named), ("--origin", origin)):
+            if url and url != self.config.origin:
+                raise NotPermitted(
+                    f"only root may choose the origin ({what} {url!r}): ask for NAME[:TAG],"
+                    f" which comes from the daemon's origin {self.config.origin or '(none)'}"
+                )
+        if body.get("addresses") or body.get("port"):
+            raise NotPermitted(
+                "only root may give peer addresses or a port: peers are found by their"
+                " node names on the daemon's port"
+            )
 
     def _job_staging(self) -> JobStaging:
         if self.staging is None:
@@ -380,6 +438,23 @@ class Daemon:
             if broadcast.state == "complete":
                 await broadcast.stop()
         return [e.to_dict() for e in self.cache.gc(busy)]
+
+
+def _control_dir(path: Path) -> None:
+    """The control socket's directory: made root's 0755 when missing (users reach
+    the socket, only the daemon replaces it); a directory others may write to
+    lets a local user put a socket of their own in the daemon's place."""
+    if not path.exists():
+        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return
+    mode = path.stat().st_mode
+    if mode & 0o022 and not mode & 0o1000:
+        log.warning(
+            "control socket directory %s is writable by others (mode %04o): a local user"
+            " could replace the socket; use a root-owned 0755 directory",
+            path,
+            mode & 0o7777,
+        )
 
 
 def _notify_ready() -> None:

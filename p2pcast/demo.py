@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pcast import control, manifest
+from p2pcast.auth import write_secret_file
 from p2pcast.cli import Progress, human, run
 from p2pcast.errors import ConfigError, DaemonUnavailable, ImageDigestMismatch, StageError
 from p2pcast.hashing import file_sha256
@@ -108,11 +109,16 @@ class DemoCluster:
         self.loop = loop
         self.sendfile = sendfile
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: the shared secret of these daemons (a fresh one per work directory):
+        #: they authenticate each other as a cluster's daemons do
+        self.secret_file = work / "secret"
 
     def control(self, name: str) -> str:
         return str(self.work / "nodes" / name / "control.sock")
 
     def start(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        write_secret_file(self.secret_file)
         for name in self.names:
             state = self.work / "nodes" / name
             state.mkdir(parents=True, exist_ok=True)
@@ -121,6 +127,7 @@ class DemoCluster:
                 "--node", name, "--listen", self.hosts[name], "--port", str(self.port),
                 "--state-dir", str(state), "--control", self.control(name),
                 "--origin", str(self.origin), "--loop", self.loop,
+                "--auth", "secret", "--secret-file", str(self.secret_file),
             ]  # fmt: skip
             if not self.sendfile:
                 cmd.append("--no-sendfile")

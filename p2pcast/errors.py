@@ -14,6 +14,8 @@
     │   ├── PeerError                 a peer daemon
     │   │   ├── ProtocolError         malformed or illegal bytes from a peer
     │   │   ├── HandshakeError        wrong magic/version
+    │   │   │   └── AuthenticationError  the peer could not prove it is a daemon
+    │   │   │                         of this cluster (no, wrong or replayed proof)
     │   │   └── PeersUnreachable      no peer answered within the timeout
     │   └── OriginError               the origin (directory, S3, RADOS)
     │       └── OriginUnavailable     cannot be reached or read right now
@@ -24,6 +26,8 @@
     ├── LocalError                    this node's resources
     │   ├── StoreError                cache/staging disk problem (full disk, EIO)
     │   ├── StageError                could not stage (mount, unpack)
+    │   ├── AuthUnavailable           this node cannot prove or check peers'
+    │   │                             identity right now (munged unreachable)
     │   └── DaemonUnavailable         no daemon answers on the control socket
     ├── InternalError                 p2pcast itself is wrong: a bug, not bad input
     │   └── LocalProtocolError        our code used the wire protocol illegally
@@ -92,6 +96,11 @@ class HandshakeError(ProtocolError):
     pass
 
 
+class AuthenticationError(HandshakeError):
+    """The peer failed the handshake's challenge: it is not (provably) a p2pcast
+    daemon of this cluster. The link is closed and nothing it sent is used."""
+
+
 class PeersUnreachable(PeerError):
     pass
 
@@ -134,6 +143,10 @@ class StageError(LocalError):
 
 class DaemonUnavailable(LocalError):
     pass
+
+
+class AuthUnavailable(LocalError):
+    """This node cannot authenticate peers now (munged down): not the peer's fault."""
 
 
 class InternalError(P2PCastError):

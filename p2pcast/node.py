@@ -25,6 +25,7 @@ from typing import Any
 
 from p2pcast import manifest as manifest_mod
 from p2pcast import overlay
+from p2pcast.auth import Authenticator
 from p2pcast.errors import (
     ChunkCorrupt,
     IntegrityError,
@@ -119,12 +120,21 @@ class PeerService:
     """Links of this node, shared by its broadcasts; serves chunks to peers."""
 
     def __init__(
-        self, node: str, host: str, port: int, cache: NodeCache, *, zero_copy: bool = True
+        self,
+        node: str,
+        host: str,
+        port: int,
+        cache: NodeCache,
+        *,
+        auth: Authenticator,
+        zero_copy: bool = True,
     ) -> None:
         self.node = node
         self.cache = cache
         self.zero_copy = zero_copy
-        self.listener = Listener(host, port, node, self, zero_copy=zero_copy)
+        #: proves us to peers and checks them, on every link both ways
+        self.auth = auth
+        self.listener = Listener(host, port, node, self, auth=auth, zero_copy=zero_copy)
         self.port = self.listener.port
         self.broadcasts: dict[bytes, Broadcast] = {}
         self.out_links: dict[tuple[str, int], PeerLink] = {}
@@ -163,7 +173,13 @@ class PeerService:
         if pending is None:
             pending = asyncio.ensure_future(
                 connect(
-                    peer.host, peer.port, self.node, self, timeout=timeout, zero_copy=self.zero_copy
+                    peer.host,
+                    peer.port,
+                    self.node,
+                    self,
+                    auth=self.auth,
+                    timeout=timeout,
+                    zero_copy=self.zero_copy,
                 )
             )
             self.connecting[peer.key] = pending

@@ -9,6 +9,11 @@ file on the raw non-blocking socket (waiting for writability with
 ``pread`` + ``sock_sendall`` fallback is selected with ``zero_copy=False``
 and tested too. Nothing here goes through an asyncio transport's buffers, so
 the two paths never mix writes on one socket.
+
+The handshake is authenticated (p2pcast.protocol.auth): the reader makes our
+proof when the peer's Hello arrives and checks the peer's when its Auth does
+(munge calls in a worker thread), reading nothing more meanwhile. A link is
+``ready``, and its handler hears of it, only once the peer is authenticated.
 """
 
 from __future__ import annotations
@@ -16,16 +21,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import fcntl
+import ipaddress
 import logging
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from p2pcast.errors import P2PCastError, PeerError, ProtocolError, StoreError
+from p2pcast.auth import Authenticator
+from p2pcast.errors import (
+    AuthUnavailable,
+    HandshakeError,
+    P2PCastError,
+    PeerError,
+    ProtocolError,
+    StoreError,
+)
 from p2pcast.protocol import (
     NEED_DATA,
+    AuthReceived,
     ChunkBodyData,
     ChunkBodyEnded,
     ChunkHeaderReceived,
@@ -38,6 +54,7 @@ from p2pcast.protocol import (
     Role,
     clean_reason,
 )
+from p2pcast.protocol.auth import NONCE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +129,26 @@ def tune_socket(sock: socket.socket) -> None:
             pass  # capped by net.core.*mem_max; the kernel's autotuning still works
 
 
+def upstream_address(sock: socket.socket, role: Role) -> str:
+    """The upstream end of a TCP link, as both ends see it ("ip:port").
+
+    The upstream's own address of an accepted socket is the one the
+    downstream dialed (no NAT on a cluster's high-speed network); binding it
+    into the proofs makes a proof useless on a connection to anyone else.
+    "" for a non-IP socket (a socketpair in tests).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    try:
+        addr = sock.getsockname() if role is Role.UPSTREAM else sock.getpeername()
+    except OSError:
+        return ""
+    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers this way
+    return f"[{ip}]:{addr[1]}" if ip.version == 6 else f"{ip}:{addr[1]}"
+
+
 class PeerLink:
     """One TCP connection to a peer daemon, in one role."""
 
@@ -122,13 +159,24 @@ class PeerLink:
         node: str,
         handler: LinkHandler,
         *,
+        auth: Authenticator,
         zero_copy: bool = True,
         address: str = "",
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.role = role
-        self.conn = PeerConnection(role, node)
+        self.auth = auth
+        self.conn = PeerConnection(
+            role,
+            node,
+            nonce=secrets.token_bytes(NONCE_SIZE),
+            upstream=upstream_address(sock, role),
+        )
+        #: the peer's Hello, handed to the handler once the peer is authenticated
+        self._peer_hello: HelloReceived | None = None
+        #: why the peer closed the link during the handshake (its Goodbye)
+        self._refused: str | None = None
         self.handler = handler
         self.zero_copy = zero_copy
         self.address = address
@@ -348,22 +396,57 @@ class PeerLink:
                 self.conn.receive_data(data)
                 if await self._drain_events(loop) or not data:
                     break
+            if self._refused is not None:
+                error = PeerError(self._refused)
         except asyncio.CancelledError:
             raise
         except ProtocolError as exc:
-            log.warning("closing link to %s: %s", self.peer_node or self.address, exc)
+            who = self.peer_node or self.address
+            if isinstance(exc, HandshakeError):
+                log.warning("refusing %s (%s): %s", who, self.address, exc)
+            else:
+                log.warning("closing link to %s: %s", who, exc)
+            code = (
+                GoodbyeCode.HANDSHAKE_FAILED
+                if isinstance(exc, HandshakeError)
+                else GoodbyeCode.PROTOCOL_ERROR
+            )
             try:
-                await loop.sock_sendall(
-                    self.sock, self.conn.goodbye(GoodbyeCode.PROTOCOL_ERROR, clean_reason(str(exc)))
-                )
+                await loop.sock_sendall(self.sock, self.conn.goodbye(code, clean_reason(str(exc))))
             except (OSError, P2PCastError):
                 pass
+            error = exc
+        except AuthUnavailable as exc:
+            log.warning("link to %s: cannot authenticate: %s", self.address, exc)
             error = exc
         except P2PCastError as exc:
             error = exc
         except OSError as exc:
             error = PeerError(f"link to {self.peer_node or self.address}: {exc}")
         self.abort(error)
+
+    async def _call_auth(self, func: Callable[..., bytes | None], *args: object) -> bytes | None:
+        """An authenticator call; munge's talk to munged, so off the event loop."""
+        if self.auth.blocking:
+            return await asyncio.to_thread(func, *args)
+        return func(*args)
+
+    async def _handshake_event(self, event: HelloReceived | AuthReceived) -> None:
+        if isinstance(event, HelloReceived):
+            self.peer_node = event.node
+            self._peer_hello = event
+            proof = await self._call_auth(self.auth.prove, self.conn.our_transcript())
+            self.send(self.conn.auth(self.auth.method, proof or b""))
+            return
+        await self._call_auth(
+            self.auth.verify, event.method, self.conn.peer_transcript(), event.proof
+        )
+        self.conn.accept_peer()
+        log.debug("%s (%s) authenticated (%s)", self.peer_node, self.address, event.method)
+        if not self.hello.done():
+            self.hello.set_result(None)
+        assert self._peer_hello is not None  # the connection takes Auth only after Hello
+        self.handler.link_event(self, self._peer_hello, None)
 
     def _length_ok(self, event: ChunkHeaderReceived) -> bool:
         """A body is only received if its length is the manifest's: a peer must
@@ -378,11 +461,10 @@ class PeerLink:
             event = self.conn.next_event()
             if event is NEED_DATA:
                 return False
-            if isinstance(event, HelloReceived):
-                self.peer_node = event.node
-                if not self.hello.done():
-                    self.hello.set_result(None)
-            elif isinstance(event, ChunkHeaderReceived) and not self._length_ok(event):
+            if isinstance(event, HelloReceived | AuthReceived):
+                await self._handshake_event(event)
+                continue
+            if isinstance(event, ChunkHeaderReceived) and not self._length_ok(event):
                 raise ProtocolError(
                     f"chunk {event.index} announced with {event.length} bytes, "
                     f"the manifest says {self.handler.chunk_length(event.image_id, event.index)}"
@@ -409,6 +491,10 @@ class PeerLink:
                 self.handler.link_event(self, event, body)
                 continue
             elif isinstance(event, PeerClosed):
+                if not self.hello.done() and event.code is not None:
+                    self._refused = (
+                        f"{self.peer_node or self.address} refused the handshake: {event.reason}"
+                    )
                 return True
             self.handler.link_event(self, event, None)
 
@@ -426,10 +512,11 @@ async def connect(
     node: str,
     handler: LinkHandler,
     *,
+    auth: Authenticator,
     timeout: float,
     zero_copy: bool = True,
 ) -> PeerLink:
-    """Open a downstream link to a peer and complete the handshake."""
+    """Open a downstream link to a peer and complete the (authenticated) handshake."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -440,7 +527,13 @@ async def connect(
         sock.close()
         raise PeerError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
     link = PeerLink(
-        sock, Role.DOWNSTREAM, node, handler, zero_copy=zero_copy, address=f"{host}:{port}"
+        sock,
+        Role.DOWNSTREAM,
+        node,
+        handler,
+        auth=auth,
+        zero_copy=zero_copy,
+        address=f"{host}:{port}",
     )
     link.start()
     await link.ready(timeout)
@@ -451,7 +544,14 @@ class Listener:
     """Accepts upstream links (peers that want chunks from us)."""
 
     def __init__(
-        self, host: str, port: int, node: str, handler: LinkHandler, *, zero_copy: bool = True
+        self,
+        host: str,
+        port: int,
+        node: str,
+        handler: LinkHandler,
+        *,
+        auth: Authenticator,
+        zero_copy: bool = True,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -467,6 +567,7 @@ class Listener:
         self.node = node
         self.handler = handler
         self.zero_copy = zero_copy
+        self.auth = auth
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -487,6 +588,7 @@ class Listener:
                 Role.UPSTREAM,
                 self.node,
                 self.handler,
+                auth=self.auth,
                 zero_copy=self.zero_copy,
                 address=f"{addr[0]}:{addr[1]}",
             )

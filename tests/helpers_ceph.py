@@ -21,6 +21,7 @@ from p2pcast.names import ImageRef
 from p2pcast.node import Broadcast, BroadcastOptions
 from p2pcast.origins.base import Origin, OriginConfig, open_origin
 from p2pcast.publish import push
+from tests.helpers_node import cluster_auth
 from tools.ceph import RGW_DATA_POOL, Ceph
 
 MiB = 1 << 20
@@ -96,6 +97,7 @@ async def daemons(
                     control_socket=str(tmp / f"n{i}" / "control.sock"),
                     origin_config=config,
                     options=options or BroadcastOptions(linger=10.0),
+                    authenticator=cluster_auth(),
                 )
             )
             started.append(daemon)

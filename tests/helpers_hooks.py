@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pcast import control
+from p2pcast.auth import write_secret_file
 from p2pcast.demo import free_port
 from p2pcast.errors import DaemonUnavailable
 from p2pcast.stage import unstage_path
@@ -64,6 +65,7 @@ class Nodes:
             "--node", name, "--listen", self.hosts[name], "--port", str(self.port),
             "--state-dir", str(state / "state"), "--control", self.control(name),
             "--run-dir", str(self.run_dir(name)), "--origin", str(self.origin),
+            "--auth", "secret", "--secret-file", str(write_secret_file(self.work / "secret")),
         ]  # fmt: skip
         with open(state / "daemon.log", "ab") as log:
             self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

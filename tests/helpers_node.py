@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from p2pcast import manifest as manifest_mod
+from p2pcast.auth import Authenticator, SecretAuth
 from p2pcast.codec import Codec
 from p2pcast.manifest import Manifest
 from p2pcast.names import ImageRef
@@ -41,6 +42,15 @@ STEP_TIMEOUT = 60.0
 T = TypeVar("T")
 
 DEFAULT_OPTIONS = BroadcastOptions()
+
+#: The shared secret of the test clusters' nodes (the daemons read theirs from a
+#: root-only file; in-process nodes are handed the authenticator).
+TEST_SECRET = b"test cluster secret, 32 bytes or more"
+
+
+def cluster_auth() -> Authenticator:
+    return SecretAuth(TEST_SECRET)
+
 
 #: The event loops a node can run on, by name (as the daemon chooses them).
 LOOP_RUNNERS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {
@@ -191,13 +201,24 @@ async def running(
     *,
     zero_copy: bool = True,
     service_class: type[PeerService] = PeerService,
+    auth: Callable[[int], Authenticator] | None = None,
 ) -> AsyncIterator[Cluster]:
-    """Start ``count`` nodes; stop broadcasts, links and origins on the way out."""
+    """Start ``count`` nodes; stop broadcasts, links and origins on the way out.
+
+    ``auth(i)`` gives node i's authenticator (default: the cluster's secret).
+    """
     nodes: list[Node] = []
     try:
         for i in range(count):
             cache = NodeCache(tmp / f"node{i}")
-            service = service_class(f"node{i}", HOST, 0, cache, zero_copy=zero_copy)
+            service = service_class(
+                f"node{i}",
+                HOST,
+                0,
+                cache,
+                auth=auth(i) if auth is not None else cluster_auth(),
+                zero_copy=zero_copy,
+            )
             node = Node(service, DirectoryOrigin(published.origin_dir))
             nodes.append(node)
             service.start()

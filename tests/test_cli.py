@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pcast.auth import write_secret_file
 from p2pcast.demo import free_port, make_image
 
 MiB = 1 << 20
@@ -106,6 +107,7 @@ def test_peers_unreachable_fails_after_timeout(origin: tuple[Path, Path], tmp_pa
         "fetch", "base:1", "--origin", str(dest), "--in-process",
         "--peers", "127.0.0.[1-3]", "--node", "127.0.0.1", "--listen", "127.0.0.1",
         "--port", str(port), "--peer-timeout", "1", "--state-dir", str(tmp_path / "s"),
+        "--auth", "secret", "--secret-file", str(write_secret_file(tmp_path / "secret")),
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
     assert "no peer answered" in result.stderr and "127.0.0.2" in result.stderr
@@ -170,3 +172,19 @@ def test_progress_bar_only_on_a_terminal(
     err = capsys.readouterr().err
     assert "fetch [###############...............]  50.0%" in err
     assert "5.0 MiB/10.0 MiB" in err
+
+
+def test_a_daemon_that_cannot_authenticate_peers_does_not_start(tmp_path: Path) -> None:
+    base = [
+        "daemon", "--listen", "127.0.0.1", "--port", str(free_port("127.0.0.1")),
+        "--state-dir", str(tmp_path / "state"), "--control", str(tmp_path / "control.sock"),
+        "--munge-socket", str(tmp_path / "no-munged.sock"),
+    ]  # fmt: skip
+    result = p2pcast(*base, "--secret-file", str(tmp_path / "absent"))
+    assert result.returncode == 2, result.stderr
+    assert "no way to authenticate peers" in result.stderr and "--auth none" in result.stderr
+    secret = write_secret_file(tmp_path / "secret")
+    secret.chmod(0o644)
+    result = p2pcast(*base, "--secret-file", str(secret))
+    assert result.returncode == 2 and "open to group or others" in result.stderr, result.stderr
+    assert not (tmp_path / "control.sock").exists()

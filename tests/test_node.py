@@ -211,7 +211,7 @@ def test_lying_peer_is_banned_and_images_stay_correct(
                 # Swap the liar's service in place of an honest one.
                 honest = cluster.nodes[liar_rank].service
                 await honest.close()
-                liar = Liar("liar", HOST, 0, honest.cache)
+                liar = Liar("liar", HOST, 0, honest.cache, auth=honest.auth)
                 liar.start()
                 cluster.nodes[liar_rank].service = liar
                 # A banned owner's chunks are only re-read after stall_timeout

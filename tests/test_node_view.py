@@ -182,6 +182,7 @@ def test_node_outside_the_view_is_served(tmp_path: Path, published: Published) -
                 node.service.port,
                 cluster.nodes[stranger].name,
                 recorder,
+                auth=node.service.auth,
                 timeout=STEP_TIMEOUT,
             )
             try:

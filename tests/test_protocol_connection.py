@@ -11,6 +11,8 @@ from p2pcast import limits
 from p2pcast.errors import HandshakeError, LocalProtocolError, ProtocolError
 from p2pcast.protocol import (
     NEED_DATA,
+    Auth,
+    AuthReceived,
     Bitfield,
     BitfieldReceived,
     Cancel,
@@ -44,6 +46,8 @@ from p2pcast.protocol import (
 from tests.test_protocol_support import (
     IMG,
     IMG2,
+    MY_NONCE,
+    PEER_NONCE,
     ConnectionPair,
     body_of,
     chunk_events,
@@ -51,7 +55,11 @@ from tests.test_protocol_support import (
     drain,
     drain_zero_copy,
     feed_body,
+    nonce,
+    open_conn,
+    peer_hello,
 )
+from tests.test_protocol_support import conn as make_conn
 
 
 def frame(msg: Message) -> bytes:
@@ -70,9 +78,13 @@ def pair_with_chunks(count: int = 10) -> ConnectionPair:
 def test_full_conversation(tmp_path: Path) -> None:
     pair = ConnectionPair(handshake=False)
     down, up = pair.down, pair.up
-    pair.send(down, down.hello(), expect=[HelloReceived("down-node", 1, b"")])
-    pair.send(up, up.hello(), expect=[HelloReceived("up-node", 1, b"")])
+    pair.send(down, down.hello(), expect=[HelloReceived("down-node", 2, nonce(10))])
+    pair.send(up, up.hello(), expect=[HelloReceived("up-node", 2, nonce(11))])
     assert (down.peer_node, up.peer_node) == ("up-node", "down-node")
+    pair.send(down, down.auth("secret", b"d"), expect=[AuthReceived("secret", b"d")])
+    pair.send(up, up.auth("secret", b"u"), expect=[AuthReceived("secret", b"u")])
+    down.accept_peer()
+    up.accept_peer()
     pair.send(down, down.subscribe(IMG), expect=[Subscribed(IMG)])
     bits = pack_bits(10, {0, 1, 2})
     pair.send(up, up.bitfield(IMG, 10, bits), expect=[BitfieldReceived(IMG, 10, bits)])
@@ -449,14 +461,17 @@ def test_have_before_bitfield() -> None:
 @pytest.mark.parametrize(
     ("hello", "match"),
     [
-        (Hello(version=2, node="n"), "version 2"),
+        (Hello(version=1, node="n"), "version 1"),  # the last one without auth
+        (Hello(version=3, node="n", nonce=PEER_NONCE), "version 3"),
         (Hello(version=0, node="n"), "version 0"),
-        (Hello(proto="bittorrent", version=1, node="n"), "bittorrent"),
+        (Hello(proto="bittorrent", version=2, node="n", nonce=PEER_NONCE), "bittorrent"),
+        (Hello(version=2, node="n"), "nonce of 0 bytes"),
+        (Hello(version=2, node="n", nonce=b"x" * 31), "nonce of 31 bytes"),
     ],
 )
 @pytest.mark.parametrize("role", list(Role))
 def test_handshake_mismatch(hello: Hello, match: str, role: Role) -> None:
-    conn = PeerConnection(role, "me")
+    conn = make_conn(role)
     conn.hello()
     conn.receive_data(frame(hello))
     with pytest.raises(HandshakeError, match=match):
@@ -469,14 +484,18 @@ def test_handshake_mismatch(hello: Hello, match: str, role: Role) -> None:
 
 def test_hello_twice_and_hello_first() -> None:
     pair = ConnectionPair()
-    expect_protocol_error(pair.up, frame(Hello(version=1, node="x")), "twice")
-    conn = PeerConnection(Role.UPSTREAM, "me")
+    expect_protocol_error(pair.up, frame(peer_hello("x")), "twice")
+    conn = make_conn(Role.UPSTREAM)
     expect_protocol_error(conn, frame(Subscribe(IMG)), "Hello first")
+    conn = make_conn(Role.UPSTREAM)
+    conn.receive_data(frame(peer_hello()))
+    drain(conn)
+    expect_protocol_error(conn, frame(Subscribe(IMG)), "Auth after Hello")
 
 
 def test_unknown_type() -> None:
     pair = ConnectionPair()
-    expect_protocol_error(pair.up, encode_frame([11, b"x"]), "unknown message type 11")
+    expect_protocol_error(pair.up, encode_frame([12, b"x"]), "unknown message type 12")
     pair = ConnectionPair()
     expect_protocol_error(pair.up, encode_frame([0]), "unknown message type 0")
 
@@ -508,7 +527,7 @@ def test_eof_between_frames_delivers_pending_frames_first() -> None:
 
 
 def test_eof_before_hello() -> None:
-    conn = PeerConnection(Role.UPSTREAM, "me")
+    conn = make_conn(Role.UPSTREAM)
     conn.receive_data(b"")
     assert conn.next_event() == PeerClosed(None, "connection closed without Goodbye")
 
@@ -540,7 +559,7 @@ def test_eof_mid_body(zero_copy: bool) -> None:
 
 
 def test_receive_after_eof_is_local_error() -> None:
-    conn = PeerConnection(Role.UPSTREAM, "me")
+    conn = make_conn(Role.UPSTREAM)
     conn.receive_data(b"")
     with pytest.raises(LocalProtocolError, match="after EOF"):
         conn.receive_data(b"x")
@@ -549,8 +568,8 @@ def test_receive_after_eof_is_local_error() -> None:
 # ---- our own mistakes: LocalProtocolError -------------------------------------------
 
 
-def test_commands_need_hello_first() -> None:
-    conn = PeerConnection(Role.DOWNSTREAM, "me")
+def test_commands_need_the_handshake_first() -> None:
+    conn = make_conn(Role.DOWNSTREAM)
     with pytest.raises(LocalProtocolError, match="hello"):
         conn.subscribe(IMG)
     with pytest.raises(LocalProtocolError, match="hello"):
@@ -558,7 +577,29 @@ def test_commands_need_hello_first() -> None:
     conn.hello()
     with pytest.raises(LocalProtocolError, match="twice"):
         conn.hello()
-    conn.subscribe(IMG)  # pipelined before the peer's Hello arrives: fine
+    # Nothing but our Auth before the peer is authenticated: an unknown
+    # peer learns nothing and can make us do nothing.
+    with pytest.raises(LocalProtocolError, match="before the peer's Hello"):
+        conn.auth("none", b"")
+    with pytest.raises(LocalProtocolError, match="before the handshake"):
+        conn.subscribe(IMG)
+    conn.receive_data(frame(peer_hello()))
+    drain(conn)
+    with pytest.raises(LocalProtocolError, match="before the handshake"):
+        conn.subscribe(IMG)
+    conn.auth("none", b"")
+    with pytest.raises(LocalProtocolError, match="twice"):
+        conn.auth("none", b"")
+    with pytest.raises(LocalProtocolError, match="before the handshake"):
+        conn.subscribe(IMG)
+    with pytest.raises(LocalProtocolError, match="accept_peer"):
+        conn.accept_peer()  # no Auth received yet
+    conn.receive_data(frame(Auth("none", b"")))
+    assert drain(conn) == [AuthReceived("none", b"")]
+    with pytest.raises(LocalProtocolError, match="before the handshake"):
+        conn.subscribe(IMG)
+    conn.accept_peer()
+    conn.subscribe(IMG)
 
 
 @pytest.mark.parametrize(
@@ -575,8 +616,7 @@ def test_commands_need_hello_first() -> None:
     ],
 )
 def test_commands_of_the_other_role(role: Role, command: object) -> None:
-    conn = PeerConnection(role, "me")
-    conn.hello()
+    conn = open_conn(role)
     assert callable(command)
     with pytest.raises(LocalProtocolError, match="cannot send"):
         command(conn)
@@ -602,7 +642,9 @@ def test_invalid_arguments_are_local_errors() -> None:
     with pytest.raises(LocalProtocolError, match="second Bitfield"):
         pair.up.bitfield(IMG, 8, b"\0")
     with pytest.raises(LocalProtocolError, match="node"):
-        PeerConnection(Role.UPSTREAM, "")
+        PeerConnection(Role.UPSTREAM, "", nonce=MY_NONCE)
+    with pytest.raises(LocalProtocolError, match="nonce"):
+        PeerConnection(Role.UPSTREAM, "me", nonce=b"short")
     assert pair.up.is_pending(IMG, 0)  # failed commands changed nothing
 
 

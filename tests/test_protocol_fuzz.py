@@ -28,7 +28,6 @@ from p2pcast.protocol import (
     ChunkRequested,
     Event,
     HaveReceived,
-    Hello,
     PeerConnection,
     PeerDone,
     RequestCancelled,
@@ -38,17 +37,21 @@ from p2pcast.protocol import (
     encode_frame,
     pack_bits,
 )
-from tests.test_protocol_support import IMG, IMG2, ConnectionPair, drain
+from tests.test_protocol_support import IMG, IMG2, ConnectionPair, drain, open_conn, peer_hello
+from tests.test_protocol_support import conn as make_conn
 
 FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 
 
 def prepared(role: Role, stage: int) -> PeerConnection:
     """A connection before the peer's Hello (0), after it (1), or with traffic set up (2)."""
-    conn = PeerConnection(role, "me")
-    conn.hello()
-    if stage >= 1:
-        conn.receive_data(encode_frame(Hello(version=1, node="peer").encode_fields()))
+    if stage >= 2:
+        conn = open_conn(role)  # authenticated: everything after Auth is parsed
+    else:
+        conn = make_conn(role)
+        conn.hello()
+    if stage == 1:
+        conn.receive_data(encode_frame(peer_hello().encode_fields()))
         drain(conn)
     if stage >= 2 and role is Role.DOWNSTREAM:
         # Subscribed with requests out, so random Chunk/Have frames can be legal.

@@ -12,6 +12,7 @@ from p2pcast import limits
 from p2pcast.errors import ProtocolError
 from p2pcast.protocol import (
     MESSAGE_TYPES,
+    Auth,
     Bitfield,
     Cancel,
     Chunk,
@@ -48,6 +49,7 @@ def test_type_numbers_are_fixed_forever() -> None:
         8: "Cancel",
         9: "Done",
         10: "Goodbye",
+        11: "Auth",
     }
 
 
@@ -58,7 +60,8 @@ def test_image_id_size_matches_manifest() -> None:
 
 
 SAMPLES: list[Message] = [
-    Hello(version=1, node="node-001", auth=b"secret"),
+    Hello(version=2, node="node-001", nonce=b"n" * 32),
+    Auth("munge", b"MUNGE:credential:"),
     Subscribe(IMG),
     Bitfield(IMG, 10, b"\xff\xc0"),
     Have(IMG, 9),
@@ -98,8 +101,13 @@ BAD_FIELDS: list[tuple[Message, str, object]] = [
     (Hello(version=1, node="n"), "node", "n" * (limits.MAX_NODE_NAME + 1)),
     (Hello(version=1, node="n"), "node", "evil\nlog line"),
     (Hello(version=1, node="n"), "node", None),
-    (Hello(version=1, node="n"), "auth", "text"),
-    (Hello(version=1, node="n"), "auth", b"a" * (limits.MAX_AUTH_BYTES + 1)),
+    (Hello(version=1, node="n"), "nonce", "text"),
+    (Hello(version=1, node="n"), "nonce", b"a" * (limits.MAX_AUTH_BYTES + 1)),
+    (Auth("secret", b""), "method", ""),
+    (Auth("secret", b""), "method", "x" * 17),
+    (Auth("secret", b""), "method", b"secret"),
+    (Auth("secret", b""), "proof", "text"),
+    (Auth("secret", b""), "proof", b"a" * (limits.MAX_AUTH_BYTES + 1)),
     (Subscribe(IMG), "image_id", IMG[:15]),
     (Subscribe(IMG), "image_id", IMG + b"\0"),
     (Subscribe(IMG), "image_id", IMG.hex()),
@@ -193,7 +201,7 @@ def test_bit_helpers() -> None:
 
 def test_hello_defaults() -> None:
     hello = Hello(version=1, node="n")
-    assert hello.proto == "p2pcast" and hello.auth == b""
+    assert hello.proto == "p2pcast" and hello.nonce == b""
     assert hello.encode_fields() == [1, "p2pcast", 1, "n", b""]
 
 
@@ -216,7 +224,12 @@ messages: st.SearchStrategy[Message] = st.one_of(
         Hello,
         version=st.integers(0, MAX_U16),
         node=st.text(min_size=1, max_size=limits.MAX_NODE_NAME).filter(str.isprintable),
-        auth=st.binary(max_size=limits.MAX_AUTH_BYTES),
+        nonce=st.binary(max_size=limits.MAX_AUTH_BYTES),
+    ),
+    st.builds(
+        Auth,
+        st.text(min_size=1, max_size=16).filter(str.isprintable),
+        st.binary(max_size=limits.MAX_AUTH_BYTES),
     ),
     st.builds(Subscribe, image_ids),
     bitfields(),

@@ -11,6 +11,7 @@ from p2pcast.protocol import (
     MESSAGE_TYPES,
     RECEIVES,
     TRANSITIONS,
+    Auth,
     Bitfield,
     Cancel,
     Chunk,
@@ -19,7 +20,6 @@ from p2pcast.protocol import (
     Event,
     Goodbye,
     Have,
-    Hello,
     Input,
     Message,
     PeerConnection,
@@ -31,11 +31,13 @@ from p2pcast.protocol import (
     encode_frame,
     pack_bits,
 )
-from tests.test_protocol_support import IMG, IMG2, drain
+from tests.test_protocol_support import IMG, IMG2, drain, peer_hello
+from tests.test_protocol_support import conn as make_conn
 
 #: A peer frame per message input, each legal in OPEN after reach()'s setup.
 PEER_FRAMES: dict[Input, Message] = {
-    Input.HELLO: Hello(version=1, node="peer"),
+    Input.HELLO: peer_hello(),
+    Input.AUTH: Auth("none", b""),
     Input.SUBSCRIBE: Subscribe(IMG2),
     Input.BITFIELD: Bitfield(IMG2, 8, b"\0"),
     Input.HAVE: Have(IMG, 3),
@@ -62,11 +64,18 @@ def role_for(state: State, inp: Input) -> Role:
 
 def reach(state: State, role: Role, *, failed: bool = False) -> PeerConnection:
     """A connection in ``state`` with subscriptions and requests set up."""
-    conn = PeerConnection(role, "me")
+    conn = make_conn(role)
     conn.hello()
     if state is State.AWAIT_HELLO:
         return conn
-    feed(conn, Hello(version=1, node="peer"))
+    feed(conn, peer_hello())
+    if state is State.AWAIT_AUTH:
+        return conn
+    conn.auth("none", b"")
+    feed(conn, Auth("none", b""))
+    if state is State.VERIFYING:
+        return conn
+    conn.accept_peer()
     if role is Role.DOWNSTREAM:
         conn.subscribe(IMG)
         conn.subscribe(IMG2)
@@ -103,6 +112,9 @@ def apply(conn: PeerConnection, inp: Input) -> list[Event]:
     if inp is Input.SEND_GOODBYE:
         conn.goodbye(0, "bye")
         return []
+    if inp is Input.ACCEPT:
+        conn.accept_peer()
+        return []
     if inp is Input.BODY_DATA:
         if state is not State.BODY:
             conn.readinto_body(memoryview(bytearray(4)))
@@ -126,6 +138,16 @@ def test_every_state_input_pair(state: State, inp: Input) -> None:
     elif new_state is not None:
         apply(conn, inp)
         assert conn.state is new_state
+    elif inp is Input.ACCEPT:
+        # Accepting a peer whose proof we have not got is our bug.
+        with pytest.raises(LocalProtocolError):
+            apply(conn, inp)
+        assert conn.state is state
+    elif state is State.VERIFYING and inp not in (Input.BODY_DATA, Input.BODY_END):
+        # While the peer's proof is checked nothing it sent is looked at: the
+        # bytes wait, and count only once it is accepted.
+        assert apply(conn, inp) == []
+        assert conn.state is State.VERIFYING
     elif inp in (Input.BODY_DATA, Input.BODY_END):
         # Body bytes exist only in BODY; elsewhere the body API is our bug.
         with pytest.raises(LocalProtocolError):
@@ -150,7 +172,7 @@ def test_every_input_after_a_protocol_error(inp: Input) -> None:
     conn = reach(State.CLOSED, role_for(State.OPEN, inp), failed=True)
     if inp is Input.SEND_GOODBYE:
         apply(conn, inp)  # telling the peer why is still allowed
-    elif inp in (Input.BODY_DATA, Input.BODY_END):
+    elif inp in (Input.BODY_DATA, Input.BODY_END, Input.ACCEPT):
         with pytest.raises(LocalProtocolError):
             apply(conn, inp)
     else:
@@ -162,9 +184,19 @@ def test_every_input_after_a_protocol_error(inp: Input) -> None:
 def test_table_shape() -> None:
     assert all(isinstance(s, State) for s in TRANSITIONS.values())
     # Every live state can fail or be closed by us; nothing leaves CLOSED.
-    for state in (State.AWAIT_HELLO, State.OPEN, State.BODY):
+    for state in (State.AWAIT_HELLO, State.AWAIT_AUTH, State.OPEN, State.BODY):
         assert TRANSITIONS[state, Input.PROTOCOL_ERROR] is State.CLOSED
         assert TRANSITIONS[state, Input.SEND_GOODBYE] is State.CLOSED
+    assert TRANSITIONS[State.VERIFYING, Input.SEND_GOODBYE] is State.CLOSED
+    # AWAIT_AUTH takes the Auth (or a Goodbye saying why not), nothing else;
+    # VERIFYING parses nothing; only accept_peer() reaches OPEN from it.
+    assert {i for (s, i) in TRANSITIONS if s is State.AWAIT_AUTH} & set(PEER_FRAMES) == {
+        Input.AUTH,
+        Input.GOODBYE,
+    }
+    assert not {i for (s, i) in TRANSITIONS if s is State.VERIFYING} & set(PEER_FRAMES)
+    assert [new for (s, i), new in TRANSITIONS.items() if new is State.OPEN and s is not State.OPEN
+            and s is not State.BODY] == [State.OPEN]  # fmt: skip
     assert {new for (old, _), new in TRANSITIONS.items() if old is State.CLOSED} == {State.CLOSED}
     # AWAIT_HELLO accepts no peer message but Hello.
     assert {i for (s, i) in TRANSITIONS if s is State.AWAIT_HELLO} & set(PEER_FRAMES) == {
@@ -181,4 +213,4 @@ def test_every_message_has_its_input() -> None:
 def test_roles_split_the_messages() -> None:
     down, up = RECEIVES[Role.DOWNSTREAM], RECEIVES[Role.UPSTREAM]
     assert down | up == set(PEER_FRAMES)
-    assert down & up == {Input.HELLO, Input.GOODBYE}
+    assert down & up == {Input.HELLO, Input.AUTH, Input.GOODBYE}

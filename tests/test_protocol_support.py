@@ -12,20 +12,69 @@ from collections.abc import Iterable, Sequence
 
 from p2pcast.protocol import (
     NEED_DATA,
+    PROTOCOL_VERSION,
+    AuthReceived,
     ChunkBodyData,
     ChunkBodyEnded,
     ChunkHeaderReceived,
     Event,
     FileSlice,
+    Hello,
+    HelloReceived,
     PeerConnection,
     Role,
     State,
 )
+from p2pcast.protocol.auth import NONCE_SIZE
 
 IMG = bytes(range(16))
 IMG2 = bytes(range(16, 32))
 
 Outgoing = bytes | Sequence[bytes | FileSlice]
+
+
+def nonce(n: int) -> bytes:
+    """A fixed nonce for tests (the transport draws real ones)."""
+    return bytes([n]) * NONCE_SIZE
+
+
+#: The nonce a test's own connection uses, and the one its fake peer's Hello has.
+MY_NONCE = nonce(1)
+PEER_NONCE = nonce(2)
+
+
+def conn(role: Role, node: str = "me") -> PeerConnection:
+    """A connection with MY_NONCE (no handshake yet)."""
+    return PeerConnection(role, node, nonce=MY_NONCE)
+
+
+def peer_hello(node: str = "peer", version: int = PROTOCOL_VERSION) -> Hello:
+    return Hello(version=version, node=node, nonce=PEER_NONCE)
+
+
+def authenticate(conn: PeerConnection) -> None:
+    """Finish the handshake of ``conn`` after the peer's Hello: send our Auth,
+    take the peer's (method "none") and accept it."""
+    from p2pcast.protocol import Auth, encode_frame
+
+    conn.auth("none", b"")
+    conn.receive_data(encode_frame(Auth("none", b"").encode_fields()))
+    events = drain(conn)
+    assert events == [AuthReceived("none", b"")], events
+    conn.accept_peer()
+
+
+def open_conn(role: Role, node: str = "me", peer: str = "peer") -> PeerConnection:
+    """A connection whose handshake with a fake peer is complete (state OPEN)."""
+    from p2pcast.protocol import encode_frame
+
+    c = conn(role, node)
+    c.hello()
+    c.receive_data(encode_frame(peer_hello(peer).encode_fields()))
+    assert drain(c) == [HelloReceived(peer, PROTOCOL_VERSION, PEER_NONCE)]
+    authenticate(c)
+    assert c.state is State.OPEN
+    return c
 
 
 def wire_bytes(out: Outgoing) -> bytes:
@@ -107,12 +156,20 @@ class ConnectionPair:
     """A downstream and an upstream connection joined by an in-memory pipe."""
 
     def __init__(self, *, handshake: bool = True) -> None:
-        self.down = PeerConnection(Role.DOWNSTREAM, "down-node")
-        self.up = PeerConnection(Role.UPSTREAM, "up-node")
+        self.down = PeerConnection(Role.DOWNSTREAM, "down-node", nonce=nonce(10))
+        self.up = PeerConnection(Role.UPSTREAM, "up-node", nonce=nonce(11))
         if handshake:
-            self.send(self.down, self.down.hello())
-            self.send(self.up, self.up.hello())
-            assert self.down.state is State.OPEN and self.up.state is State.OPEN
+            self.handshake()
+
+    def handshake(self) -> None:
+        """Hello both ways, then Auth both ways (method "none"), then accept."""
+        self.send(self.down, self.down.hello())
+        self.send(self.up, self.up.hello())
+        self.send(self.down, self.down.auth("none", b""))
+        self.send(self.up, self.up.auth("none", b""))
+        self.down.accept_peer()
+        self.up.accept_peer()
+        assert self.down.state is State.OPEN and self.up.state is State.OPEN
 
     def peer_of(self, conn: PeerConnection) -> PeerConnection:
         return self.up if conn is self.down else self.down

@@ -16,6 +16,8 @@ import pytest
 
 from p2pcast.protocol import (
     MESSAGE_TYPES,
+    Auth,
+    AuthReceived,
     Bitfield,
     BitfieldReceived,
     Cancel,
@@ -43,18 +45,34 @@ from p2pcast.protocol import (
     encode_frame,
     pack_bits,
 )
-from tests.test_protocol_support import IMG, ConnectionPair, chunk_events, coalesce, drain
+from tests.test_protocol_support import (
+    IMG,
+    MY_NONCE,
+    ConnectionPair,
+    chunk_events,
+    coalesce,
+    drain,
+)
 
 VECTORS = Path(__file__).parent / "vectors" / "protocol"
 REGEN = os.environ.get("P2PCAST_REGEN_VECTORS") == "1"
 BODY = b"chunk!!\n"
 BITS = pack_bits(10, {0, 2, 9})
+HELLO_NONCE = bytes(range(32))
+AUTH_PROOF = bytes(range(100, 132))
 
 
 def fresh_upstream() -> PeerConnection:
-    conn = PeerConnection(Role.UPSTREAM, "up-node")
+    conn = PeerConnection(Role.UPSTREAM, "up-node", nonce=MY_NONCE)
     conn.hello()
     return conn
+
+
+def greeted_upstream() -> PeerConnection:
+    """An upstream that has the peer's Hello: the Auth is next."""
+    pair = ConnectionPair(handshake=False)
+    pair.send(pair.down, pair.down.hello())
+    return pair.up
 
 
 def upstream(*, request: bool = False) -> PeerConnection:
@@ -78,10 +96,10 @@ def downstream(*, bitfield: bool = True, request: bool = False) -> PeerConnectio
 # name -> (message, body, receiver factory, expected events)
 CASES: dict[str, tuple[Message, bytes, Callable[[], PeerConnection], list[Event]]] = {
     "01_hello": (
-        Hello(version=1, node="node-001"),
+        Hello(version=2, node="node-001", nonce=HELLO_NONCE),
         b"",
         fresh_upstream,
-        [HelloReceived("node-001", 1, b"")],
+        [HelloReceived("node-001", 2, HELLO_NONCE)],
     ),
     "02_subscribe": (Subscribe(IMG), b"", lambda: ConnectionPair().up, [Subscribed(IMG)]),
     "03_bitfield": (
@@ -112,6 +130,12 @@ CASES: dict[str, tuple[Message, bytes, Callable[[], PeerConnection], list[Event]
     ),
     "09_done": (Done(IMG), b"", upstream, [PeerDone(IMG)]),
     "10_goodbye": (Goodbye(0, "bye"), b"", upstream, [PeerClosed(0, "bye")]),
+    "11_auth": (
+        Auth("secret", AUTH_PROOF),
+        b"",
+        greeted_upstream,
+        [AuthReceived("secret", AUTH_PROOF)],
+    ),
 }
 
 

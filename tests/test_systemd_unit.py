@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pcast.auth import write_secret_file
 from tests.helpers_node import closed_port
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "p2pcastd.service"
@@ -116,6 +117,7 @@ def test_the_daemon_sends_ready(tmp_path: Path) -> None:
                 sys.executable, "-m", "p2pcast", "daemon", "--listen", "127.0.0.1",
                 "--port", str(closed_port()), "--state-dir", str(tmp_path / "state"),
                 "--control", str(tmp_path / "run" / "control.sock"),
+                "--auth", "secret", "--secret-file", str(write_secret_file(tmp_path / "secret")),
             ],
             env={**os.environ, "NOTIFY_SOCKET": str(notify)},
             stdout=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent(
     import asyncio, os, socket, sys
     import uvloop
     from p2pcast.protocol import FileSlice, Role
+    from p2pcast.auth import NoAuth
     from p2pcast.transport import PeerLink, tune_socket
 
     class Handler:
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent(
         for _ in range(10):
             ours, theirs = socket.socketpair()
             tune_socket(ours)
-            link = PeerLink(ours, Role.UPSTREAM, "n1", Handler())
+            link = PeerLink(ours, Role.UPSTREAM, "n1", Handler(), auth=NoAuth())
             link.start()
             # A chunk far larger than the socket buffers, to a peer that reads
             # nothing: the sender ends up waiting in _writable.

@@ -16,11 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from p2pcast.protocol import FileSlice, HelloReceived, PeerConnection, Role
+from p2pcast.auth import NoAuth
+from p2pcast.protocol import (
+    Auth,
+    AuthReceived,
+    FileSlice,
+    HelloReceived,
+    PeerConnection,
+    Role,
+    encode_frame,
+)
 from p2pcast.protocol.frames import FrameDecoder
 from p2pcast.protocol.messages import MESSAGE_TYPES
 from p2pcast.transport import PeerLink, tune_socket
 from tests.helpers_node import run_on
+from tests.test_protocol_support import drain, nonce
 
 IMAGE = bytes(range(16))
 BODY = 256 * 1024
@@ -64,17 +74,26 @@ def test_small_frames_overtake_queued_chunks_and_goodbye_comes_last(
         ours, theirs = socket.socketpair()
         tune_socket(ours)
         theirs.setblocking(False)
-        link = PeerLink(ours, Role.UPSTREAM, "n1", Handler())
+        link = PeerLink(ours, Role.UPSTREAM, "n1", Handler(), auth=NoAuth())
         try:
             link.start()  # queues our Hello; the tasks run at the first await
-            # The downstream's side of the handshake: Hello, Subscribe, two Requests.
-            peer = PeerConnection(Role.DOWNSTREAM, "n2")
+            # The downstream's side: Hello, Auth, then Subscribe and two Requests
+            # (method "none": this test is about the order of what we send).
+            peer = PeerConnection(Role.DOWNSTREAM, "n2", nonce=nonce(3))
             asked = peer.hello()
-            peer.receive_data(PeerConnection(Role.UPSTREAM, "n1").hello())
+            stand_in = PeerConnection(Role.UPSTREAM, "n1", nonce=nonce(4))
+            peer.receive_data(stand_in.hello() + encode_frame(Auth("none", b"").encode_fields()))
+            drain(peer)
+            asked += peer.auth("none", b"")
+            peer.accept_peer()
             asked += peer.subscribe(IMAGE) + peer.request(IMAGE, 0) + peer.request(IMAGE, 1)
             link.conn.receive_data(asked)
-            events = [link.conn.next_event() for _ in range(4)]
-            assert isinstance(events[0], HelloReceived)
+            assert isinstance(link.conn.next_event(), HelloReceived)
+            link.send(link.conn.auth("none", b""))
+            assert isinstance(link.conn.next_event(), AuthReceived)
+            link.conn.accept_peer()
+            events = [link.conn.next_event() for _ in range(3)]
+            assert len(events) == 3
             # Queued in this order before the writer runs: two chunks, then news.
             for index in (0, 1):
                 link.send_chunk(IMAGE, index, functools.partial(FileSlice, fd, index * BODY, BODY))
@@ -92,4 +111,4 @@ def test_small_frames_overtake_queued_chunks_and_goodbye_comes_last(
         return _frames(bytes(received))
 
     frames = run_on(loop, main())
-    assert frames == ["Hello", "Bitfield", "Have", "Chunk0", "Chunk1", "Goodbye"]
+    assert frames == ["Hello", "Auth", "Bitfield", "Have", "Chunk0", "Chunk1", "Goodbye"]

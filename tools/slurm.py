@@ -629,6 +629,11 @@ class _Bringup:
                     f"--state-dir={NODE_LIB}",
                     f"--control={NODE_CONTROL}",
                     *([f"--origin={st['origin']}"] if st.get("origin") else []),
+                    # Peers prove themselves with the cluster's munge (its
+                    # socket is under the host's run dir, which the node
+                    # namespaces see), as on a real Slurm cluster.
+                    "--auth=munge",
+                    f"--munge-socket={sock}",
                 ]
                 log = d / "nodes" / node / "p2pcast.log"
                 daemons[node] = self.start("p2pcast", node, daemon, log, base_env | self.env)

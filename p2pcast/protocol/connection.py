@@ -18,6 +18,13 @@ that crosses the answer on the wire finds nothing pending at the upstream and
 is ignored. Both ends therefore always agree which request an answer belongs
 to, which no counting of answers could guarantee while an upstream was free
 to drop a cancelled request without a word.
+
+Handshake: Hello (with a nonce) then Auth, both ways at once. The peer's Auth
+comes out as AuthReceived; the caller checks the proof over
+``peer_transcript()`` (p2pcast.protocol.auth; a munge check needs I/O, so it is
+not done here) and calls ``accept_peer()``. Until then nothing else the peer
+sent is parsed (it waits in the buffer), and we send nothing but our Auth or
+a Goodbye: an unauthenticated peer can neither make us act nor learn anything.
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ import enum
 from typing import Any, cast
 
 from p2pcast import limits
-from p2pcast.errors import HandshakeError, LocalProtocolError, P2PCastError, ProtocolError
+from p2pcast.errors import (
+    AuthenticationError,
+    HandshakeError,
+    LocalProtocolError,
+    P2PCastError,
+    ProtocolError,
+)
+from p2pcast.protocol import auth as auth_mod
 from p2pcast.protocol import messages as m
 from p2pcast.protocol.frames import FrameDecoder, encode_frame
 from p2pcast.protocol.messages import NEED_DATA, Event, FileSlice, NeedData
@@ -40,6 +54,8 @@ class Role(enum.Enum):
 
 class State(enum.Enum):
     AWAIT_HELLO = "AWAIT_HELLO"  # nothing but the peer's Hello is acceptable
+    AWAIT_AUTH = "AWAIT_AUTH"  # nothing but the peer's Auth (or Goodbye)
+    VERIFYING = "VERIFYING"  # the peer's proof is being checked; later frames wait
     OPEN = "OPEN"
     BODY = "BODY"  # the bytes coming in are a chunk body, not frames
     CLOSED = "CLOSED"  # Goodbye either way, EOF, or a ProtocolError
@@ -52,6 +68,7 @@ class Input(enum.Enum):
     """
 
     HELLO = "Hello"
+    AUTH = "Auth"
     SUBSCRIBE = "Subscribe"
     BITFIELD = "Bitfield"
     HAVE = "Have"
@@ -65,6 +82,7 @@ class Input(enum.Enum):
     BODY_END = "end of body"
     EOF = "EOF"
     SEND_GOODBYE = "our goodbye()"
+    ACCEPT = "our accept_peer()"
     PROTOCOL_ERROR = "protocol error"
 
 
@@ -73,10 +91,20 @@ _MESSAGE_INPUTS = (_I.SUBSCRIBE, _I.BITFIELD, _I.HAVE, _I.REQUEST, _I.REJECT, _I
 
 #: The receive-side state machine; a pair that is missing is illegal.
 TRANSITIONS: dict[tuple[State, Input], State] = {
-    (_S.AWAIT_HELLO, _I.HELLO): _S.OPEN,
+    (_S.AWAIT_HELLO, _I.HELLO): _S.AWAIT_AUTH,
     (_S.AWAIT_HELLO, _I.EOF): _S.CLOSED,
     (_S.AWAIT_HELLO, _I.SEND_GOODBYE): _S.CLOSED,
     (_S.AWAIT_HELLO, _I.PROTOCOL_ERROR): _S.CLOSED,
+    (_S.AWAIT_AUTH, _I.AUTH): _S.VERIFYING,
+    # A peer that refuses our Hello or our proof says why before closing.
+    (_S.AWAIT_AUTH, _I.GOODBYE): _S.CLOSED,
+    (_S.AWAIT_AUTH, _I.EOF): _S.CLOSED,
+    (_S.AWAIT_AUTH, _I.SEND_GOODBYE): _S.CLOSED,
+    (_S.AWAIT_AUTH, _I.PROTOCOL_ERROR): _S.CLOSED,
+    # Peer frames and EOF are not looked at while VERIFYING (they wait in the
+    # buffer), so only our own decisions move it.
+    (_S.VERIFYING, _I.ACCEPT): _S.OPEN,
+    (_S.VERIFYING, _I.SEND_GOODBYE): _S.CLOSED,
     **{(_S.OPEN, kind): _S.OPEN for kind in _MESSAGE_INPUTS},
     (_S.OPEN, _I.CHUNK): _S.BODY,
     (_S.OPEN, _I.GOODBYE): _S.CLOSED,
@@ -94,11 +122,18 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
 
 #: Which peer messages each role may receive (the other role may send them).
 RECEIVES: dict[Role, frozenset[Input]] = {
-    Role.DOWNSTREAM: frozenset({_I.HELLO, _I.BITFIELD, _I.HAVE, _I.CHUNK, _I.REJECT, _I.GOODBYE}),
-    Role.UPSTREAM: frozenset({_I.HELLO, _I.SUBSCRIBE, _I.REQUEST, _I.CANCEL, _I.DONE, _I.GOODBYE}),
+    Role.DOWNSTREAM: frozenset(
+        {_I.HELLO, _I.AUTH, _I.BITFIELD, _I.HAVE, _I.CHUNK, _I.REJECT, _I.GOODBYE}
+    ),
+    Role.UPSTREAM: frozenset(
+        {_I.HELLO, _I.AUTH, _I.SUBSCRIBE, _I.REQUEST, _I.CANCEL, _I.DONE, _I.GOODBYE}
+    ),
 }
 
 _Key = tuple[bytes, int]  # (image_id, index) of one chunk request
+
+#: Until the peer is authenticated we send only our Hello, our Auth or a Goodbye.
+_HANDSHAKE_STATES = frozenset({State.AWAIT_HELLO, State.AWAIT_AUTH, State.VERIFYING})
 
 
 class _Swarm:
@@ -114,6 +149,7 @@ class _Swarm:
 #: The event reporting each peer message; its fields are a subset of the message's.
 _EVENT_OF: dict[type[m.Message], type[Event]] = {
     m.Hello: m.HelloReceived,
+    m.Auth: m.AuthReceived,
     m.Subscribe: m.Subscribed,
     m.Bitfield: m.BitfieldReceived,
     m.Have: m.HaveReceived,
@@ -136,16 +172,31 @@ class PeerConnection:
     """The protocol state of one TCP link, seen from one end."""
 
     def __init__(
-        self, role: Role, node: str, *, version: int = m.PROTOCOL_VERSION, auth: bytes = b""
+        self,
+        role: Role,
+        node: str,
+        *,
+        nonce: bytes,
+        upstream: str = "",
+        version: int = m.PROTOCOL_VERSION,
     ) -> None:
+        """``nonce``: NONCE_SIZE fresh random bytes (randomness is the caller's);
+        ``upstream``: the upstream end's address as both ends see it ("ip:port",
+        "" for a socketpair), bound into both proofs."""
         self.role = role
         self.peer_role = Role.UPSTREAM if role is Role.DOWNSTREAM else Role.DOWNSTREAM
-        self._hello = m.Hello(version=version, node=node, auth=auth)
+        if type(nonce) is not bytes or len(nonce) != auth_mod.NONCE_SIZE:
+            raise LocalProtocolError(f"a nonce is {auth_mod.NONCE_SIZE} random bytes")
+        self._hello = m.Hello(version=version, node=node, nonce=nonce)
         if (why := self._hello.problem()) is not None:
             raise LocalProtocolError(why)
         self.node = node
         self.version = version
+        self.nonce = nonce
+        self.upstream = upstream
         self.peer_node: str | None = None
+        self.peer_nonce: bytes | None = None
+        self._auth_sent = False
         self.bytes_received = 0
         self.bytes_sent = 0  # headers and bodies
         self._state = State.AWAIT_HELLO
@@ -224,6 +275,8 @@ class PeerConnection:
 
     def _next_event(self) -> Event | NeedData:
         while True:
+            if self._state is State.VERIFYING:
+                return NEED_DATA  # whatever follows the Auth waits for accept_peer()
             if self._state is State.BODY:
                 return self._next_body_event()
             header = self._decoder.next_header()
@@ -295,6 +348,8 @@ class PeerConnection:
             raise ProtocolError("Hello received twice")
         if self._state is State.AWAIT_HELLO:
             raise ProtocolError(f"expected Hello first, got {kind.value}")
+        if self._state is State.AWAIT_AUTH:
+            raise ProtocolError(f"expected Auth after Hello, got {kind.value}")
         if kind is _I.EOF:
             raise ProtocolError(
                 f"connection closed mid-frame ({self.body_remaining} body bytes due)"
@@ -310,7 +365,60 @@ class PeerConnection:
             raise HandshakeError(f"peer speaks {msg.proto!r}, not {m.PROTOCOL_NAME!r}")
         if msg.version != self.version:
             raise HandshakeError(f"peer speaks version {msg.version}, we speak {self.version}")
+        if len(msg.nonce) != auth_mod.NONCE_SIZE:
+            raise HandshakeError(
+                f"Hello.nonce of {len(msg.nonce)} bytes, not {auth_mod.NONCE_SIZE}"
+            )
+        if msg.nonce == self.nonce:
+            raise AuthenticationError("the peer sent our own nonce back: a reflected Hello")
         self.peer_node = msg.node
+        self.peer_nonce = msg.nonce
+
+    # ---- authentication -------------------------------------------------------
+
+    def _transcript(self, prover: Role) -> bytes:
+        if self.peer_node is None or self.peer_nonce is None:
+            raise LocalProtocolError("no transcript before the peer's Hello")
+        ours = prover is self.role
+        return auth_mod.transcript(
+            version=self.version,
+            prover_role=prover.value,
+            prover_node=self.node if ours else self.peer_node,
+            prover_nonce=self.nonce if ours else self.peer_nonce,
+            verifier_node=self.peer_node if ours else self.node,
+            verifier_nonce=self.peer_nonce if ours else self.nonce,
+            upstream=self.upstream,
+        )
+
+    def our_transcript(self) -> bytes:
+        """What our Auth proves (available once the peer's Hello is in)."""
+        return self._transcript(self.role)
+
+    def peer_transcript(self) -> bytes:
+        """What the peer's Auth must prove."""
+        return self._transcript(self.peer_role)
+
+    def auth(self, method: str, proof: bytes) -> bytes:
+        """Our Auth: once, after the peer's Hello, before anything but a Goodbye."""
+        if not self._hello_sent or self._goodbye_sent:
+            raise LocalProtocolError("auth() needs our hello() first, and no goodbye()")
+        if self._auth_sent:
+            raise LocalProtocolError("auth() called twice")
+        if self.peer_nonce is None or self._state is State.CLOSED:
+            raise LocalProtocolError(f"auth() before the peer's Hello (state {self._state.name})")
+        msg = m.Auth(method, proof)
+        if (why := msg.problem()) is not None:
+            raise LocalProtocolError(why)
+        self._auth_sent = True
+        data = encode_frame(msg.encode_fields())
+        self.bytes_sent += len(data)
+        return data
+
+    def accept_peer(self) -> None:
+        """The peer's proof checked out: parse what it sent after it, and talk."""
+        if self._state is not State.VERIFYING:
+            raise LocalProtocolError(f"accept_peer() in state {self._state.name}")
+        self._state = TRANSITIONS[self._state, _I.ACCEPT]
 
     # ---- per-link rules, one copy for both directions -------------------------
 
@@ -404,6 +512,10 @@ class PeerConnection:
         if kind is not _I.GOODBYE:
             if self._state is State.CLOSED:
                 raise LocalProtocolError("the connection is closed; only goodbye() is left")
+            if not self._auth_sent or self._state in _HANDSHAKE_STATES:
+                raise LocalProtocolError(
+                    f"{kind.value} before the handshake is complete (state {self._state.name})"
+                )
             if kind not in RECEIVES[self.peer_role]:
                 raise LocalProtocolError(f"a {self.role.value} cannot send {kind.value}")
         if (why := msg.problem()) is not None:

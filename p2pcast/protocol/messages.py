@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Self, TypeVar, cast
 
 from p2pcast import limits
 from p2pcast.errors import ProtocolError
+from p2pcast.protocol.auth import MAX_METHOD_NAME
 
 #: An image id: the first 16 bytes of the manifest's sha256. Equal to
 #: manifest.IMAGE_ID_SIZE (a test checks); not imported, so the wire protocol
@@ -27,7 +28,9 @@ from p2pcast.errors import ProtocolError
 IMAGE_ID_SIZE = 16
 
 PROTOCOL_NAME = "p2pcast"
-PROTOCOL_VERSION = 1
+#: 2: Hello carries a challenge nonce and an Auth message follows it (peer
+#: authentication, p2pcast.protocol.auth). 1: no authentication.
+PROTOCOL_VERSION = 2
 
 #: Hello.proto is compared with PROTOCOL_NAME; anything longer is not a name.
 MAX_PROTO_NAME = 16
@@ -152,12 +155,18 @@ def _message(type_number: int, *checks: FieldCheck) -> Callable[[_M], _M]:
 )
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(Message):
-    """First frame in each direction. ``auth`` is reserved for munge/shared secret."""
+    """First frame in each direction; ``nonce`` is the sender's challenge.
+
+    The layout is version 1's (whose last field, always empty, was reserved for
+    authentication), so that an old peer's Hello still parses and is refused
+    for its version, not for its shape. The nonce's size is checked with the
+    version (the connection's handshake check), for the same reason.
+    """
 
     proto: str = PROTOCOL_NAME
     version: int
     node: str
-    auth: bytes = b""
+    nonce: bytes = b""
 
 
 @_message(2, IMAGE_ID)
@@ -285,6 +294,19 @@ class Goodbye(Message):
     reason: str
 
 
+@_message(11, _str(1, MAX_METHOD_NAME), _bin(0, limits.MAX_AUTH_BYTES))
+@dataclass(frozen=True, slots=True)
+class Auth(Message):
+    """Either way, second frame: proof that the sender is a daemon of this cluster.
+
+    ``proof`` covers the handshake's transcript (p2pcast.protocol.auth): an
+    HMAC for method "secret", a munge credential for "munge", empty for "none".
+    """
+
+    method: str
+    proof: bytes
+
+
 class GoodbyeCode(enum.IntEnum):
     """Well-known Goodbye codes; never reuse a number."""
 
@@ -314,7 +336,15 @@ class FileSlice:
 class HelloReceived:
     node: str
     version: int
-    auth: bytes
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthReceived:
+    """The peer's proof: check it, then accept_peer() (or say Goodbye)."""
+
+    method: str
+    proof: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +429,7 @@ class PeerClosed:
 
 Event = (
     HelloReceived
+    | AuthReceived
     | Subscribed
     | BitfieldReceived
     | HaveReceived
