@@ -3,6 +3,7 @@ reader over the growing file, and stage_image(growing=...) end to end."""
 
 from __future__ import annotations
 
+import os
 import random
 import tarfile
 import threading
@@ -15,7 +16,7 @@ from p2pcast.errors import StageError
 from p2pcast.prefix import ImagePrefix, held_chunks, prefix_bytes, readable_span
 from p2pcast.stage import StagedImage, stage_image
 from p2pcast.stage.stream import GrowingImageReader, open_growing
-from tests.test_stage_support import add_file, leftovers, mount_guard, write_tar
+from tests.test_stage_support import add_file, leftovers, mount_guard, tmpfs, write_tar
 
 #: Bound on every wait of these tests: they finish in milliseconds; this only
 #: turns a hang (the bug these tests look for) into a failure.
@@ -253,3 +254,17 @@ def test_a_corrupt_tar_arriving_leaves_nothing(scratch: Path) -> None:
     with pytest.raises(StageError, match="corrupt or truncated"):
         stage_image(image, "tar", dest, growing=prefix)
     assert leftovers(dest.parent, "img") == []
+
+
+def test_a_full_tmpfs_while_arriving_leaves_nothing(scratch: Path) -> None:
+    image = _tar(scratch / "image", "tar.gz")  # the 2 MiB payload cannot fit
+    size = image.stat().st_size
+    prefix = ImagePrefix("img", size)
+    with tmpfs(scratch / "small", "1m") as small:
+        dest = small / "img"
+        staging = _InThread(lambda: stage_image(image, "tar.gz", dest, growing=prefix))
+        prefix.advance(size)
+        # Fails as soon as the tree overflows: no need to wait for the sha256.
+        with pytest.raises(StageError, match=r"no space left on .*small while unpacking"):
+            staging.join()
+        assert os.listdir(small) == []
