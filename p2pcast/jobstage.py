@@ -7,6 +7,9 @@ runs). Each copy counts the jobs using it; the last job's release unstages it.
 The counts live in ``<state dir>/staging.json`` so a daemon restart keeps
 them, and are checked against the job records at start-up: a job whose
 record is gone (its Epilog ran while the daemon was down) holds nothing.
+A tar still arriving is unpacked from the broadcast's verified prefix in a
+scratch directory and counted only once the whole image verified (see
+``JobStaging.stage``); a restart removes a scratch tree a crash left.
 
     RefTable        pure: which jobs use which staged copy; to_dict/from_dict
     JobStaging      the daemon's side: locks, threads, the state file, recovery

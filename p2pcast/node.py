@@ -5,7 +5,10 @@ node, shared by all broadcasts running on it. :class:`Broadcast` drives one
 image's :class:`~p2pcast.swarm.Swarm`: it turns the scheduler's actions into
 requests on links and reads from the origin, and feeds arrivals back. Chunks
 are verified (xxh3) before they are written, announced or served, and the
-whole image (sha256) before it is marked complete.
+whole image (sha256) before it is marked complete. The contiguous run of held
+chunks from the start is final once written, so each broadcast publishes it
+(:class:`~p2pcast.prefix.ImagePrefix`) for staging to unpack a tar from while
+the rest still arrives.
 
 A broadcast links only to its overlay neighbours (:mod:`p2pcast.overlay`:
 every other node up to a few dozen, a bounded set beyond), and its swarm knows
