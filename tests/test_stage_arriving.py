@@ -25,7 +25,8 @@ import pytest
 from p2pcast import control, jobrecord
 from p2pcast.daemon import Daemon, DaemonConfig
 from p2pcast.demo import free_port
-from p2pcast.errors import ChunkCorrupt
+from p2pcast.errors import ChunkCorrupt, StageError
+from p2pcast.jobstage import JobStaging
 from p2pcast.manifest import ChunkRef
 from p2pcast.names import ImageRef
 from p2pcast.node import BroadcastOptions
@@ -231,3 +232,29 @@ def test_a_broadcast_failing_mid_way_leaves_nothing_staged(
             assert daemon.staging is not None and daemon.staging.describe() == []
 
     asyncio.run(go())
+
+
+def test_stopping_the_daemon_wakes_the_unpacking(
+    tmp_path: Path, origin_dir: tuple[Path, int]
+) -> None:
+    async def go() -> None:
+        async with daemons(tmp_path, origin_dir, ["n1"]) as (nodes, _):
+            daemon = nodes.pop("n1")  # stopped here, not on the way out
+            task = asyncio.create_task(_stage(daemon, _stage_body(4, ["n1"], "n1")))
+            await _first_member_in_scratch(daemon, task)
+            async with asyncio.timeout(STEP):  # a thread left waiting would hang here
+                await daemon.stop()
+                with pytest.raises(StageError, match="the broadcast was stopped"):
+                    await task
+            assert list((_run_dir(daemon) / "staged").iterdir()) == []
+
+    asyncio.run(go())
+
+
+def test_a_restart_removes_a_half_unpacked_scratch_tree(tmp_path: Path) -> None:
+    run, state = tmp_path / "run", tmp_path / "state"
+    scratch = run / "staged" / ".abc-u4321.staging-x1y2z3" / "rootfs" / "etc"
+    scratch.mkdir(parents=True)
+    (scratch / "os-release").write_bytes(FIRST)
+    JobStaging(run, state).recover()  # what a daemon killed mid-unpack finds
+    assert list((run / "staged").iterdir()) == []
