@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ from p2pcast.errors import (
     ProtocolError,
     UserError,
 )
-from p2pcast.jobstage import JobStaging
+from p2pcast.jobstage import JobStaging, StagedEntry
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.base import Origin, OriginConfig, open_origin, split_image_url
+from p2pcast.stage.untar import TAR_TYPES
 from p2pcast.store import NodeCache
 
 log = logging.getLogger(__name__)
@@ -270,8 +272,21 @@ class Daemon:
             raise UserError(f"unknown control operation {op!r}")
         writer.write(control.frame(control.RESULT, result))
 
-    async def _watch(self, broadcast: Broadcast, writer: asyncio.StreamWriter) -> None:
+    async def _watch(
+        self,
+        broadcast: Broadcast,
+        writer: asyncio.StreamWriter,
+        staging: asyncio.Task[Any] | None = None,
+    ) -> None:
+        """Send progress frames until the broadcast is done, or ``staging`` failed
+        (the Prolog need not wait for a transfer its job can no longer use)."""
         while not broadcast.done.is_set():
+            if (
+                staging is not None
+                and staging.done()
+                and (staging.cancelled() or staging.exception() is not None)
+            ):
+                return
             writer.write(control.frame(control.PROGRESS, broadcast.progress()))
             await writer.drain()
             try:
@@ -329,9 +344,11 @@ class Daemon:
     async def stage(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> dict[str, Any]:
         """A job's Prolog: broadcast the image across the allocation, stage it, record it.
 
-        Whatever fails, the job's record says why (its steps fail with that
-        message); the error also goes back to the Prolog, which decides
-        whether the node is at fault.
+        A tar image still arriving is unpacked while it arrives (see
+        ``_stage_while_arriving``); a SquashFS, or an image already complete,
+        is staged after the broadcast completed. Whatever fails, the job's
+        record says why (its steps fail with that message); the error also
+        goes back to the Prolog, which decides whether the node is at fault.
         """
         staging = self._job_staging()
         job = jobspec.check_job_id(body.get("job"))
@@ -344,20 +361,30 @@ class Daemon:
                 raise ConfigError("stage needs the job's uid and gid")
             fetch_body = {k: body.get(k) for k in ("peers", "node", "addresses", "origin", "port")}
             broadcast = await self.fetch({**fetch_body, "image": str(image), "job": job})
-            await self._watch(broadcast, writer)
-            if broadcast.error is not None:
-                raise broadcast.error
             progress = broadcast.progress()
-            entry = await staging.stage(
-                job=job,
-                name=str(image),
-                image_id=broadcast.image_id.hex(),
-                image_path=Path(progress["path"]),
-                image_type=str(progress["image_type"]),
-                mounts=mounts,
-                uid=uid,
-                gid=gid,
-            )
+            image_type = str(progress["image_type"])
+
+            def stage_it(growing: bool) -> Coroutine[Any, Any, StagedEntry]:
+                return staging.stage(
+                    job=job,
+                    name=str(image),
+                    image_id=broadcast.image_id.hex(),
+                    image_path=Path(progress["path"]),
+                    image_type=image_type,
+                    mounts=mounts,
+                    uid=uid,
+                    gid=gid,
+                    growing=broadcast.prefix if growing else None,
+                )
+
+            if image_type in TAR_TYPES and not broadcast.done.is_set():
+                entry = await self._stage_while_arriving(broadcast, writer, job, stage_it(True))
+            else:
+                await self._watch(broadcast, writer)
+                if broadcast.error is not None:
+                    raise broadcast.error
+                entry = await stage_it(False)
+            progress = broadcast.progress()
         except P2PCastError as exc:
             log.warning("job %s: cannot provide %s: %s", job, text, exc)
             await staging.fail(job, text, str(exc))
@@ -368,7 +395,53 @@ class Daemon:
             "root": str(entry.staged.path),
             "method": entry.staged.method,
             "jobs_sharing": len(entry.jobs),
+            # image bytes unpacked (by any staging of this image) before its
+            # last chunk arrived: 0 when it was unpacked after the transfer
+            "unpacked_while_arriving": broadcast.prefix.read_early,
         }
+
+    async def _stage_while_arriving(
+        self,
+        broadcast: Broadcast,
+        writer: asyncio.StreamWriter,
+        job: str,
+        stage: Coroutine[Any, Any, StagedEntry],
+    ) -> StagedEntry:
+        """Unpack a tar from the broadcast's verified prefix while the rest arrives.
+
+        The staging publishes its tree only after the whole image's sha256
+        matched, and fails (removing its scratch tree) as soon as the
+        broadcast fails or stops, so the broadcast's error is the one the job
+        gets. The unpacking runs in a thread that cannot be cancelled: it is
+        always waited for, never left to publish a copy nobody counts.
+        """
+        staging = self._job_staging()
+        task = asyncio.create_task(stage, name=f"stage job {job}")
+        try:
+            await self._watch(broadcast, writer, task)
+        except asyncio.CancelledError:
+            raise  # the daemon is stopping: its broadcasts' stop wakes the thread
+        except Exception:
+            # The Prolog went away: as before, the job stages nothing.
+            try:
+                await task
+            except P2PCastError:
+                pass
+            else:
+                await staging.release(job)
+            raise
+        try:
+            entry = await task
+        except P2PCastError:
+            if broadcast.error is not None:
+                raise broadcast.error from None  # the cause, not "did not arrive"
+            raise
+        if broadcast.error is not None:
+            # Only a copy staged earlier can be shared before the image
+            # verified; this job still has no verified image to run.
+            await staging.release(job)
+            raise broadcast.error
+        return entry
 
     def origin(self, url: str | None) -> Origin:
         url = url or self.config.origin

@@ -7,6 +7,9 @@ runs). Each copy counts the jobs using it; the last job's release unstages it.
 The counts live in ``<state dir>/staging.json`` so a daemon restart keeps
 them, and are checked against the job records at start-up: a job whose
 record is gone (its Epilog ran while the daemon was down) holds nothing.
+A tar still arriving is unpacked from the broadcast's verified prefix in a
+scratch directory and counted only once the whole image verified (see
+``JobStaging.stage``); a restart removes a scratch tree a crash left.
 
     RefTable        pure: which jobs use which staged copy; to_dict/from_dict
     JobStaging      the daemon's side: locks, threads, the state file, recovery
@@ -26,6 +29,7 @@ from typing import Any
 from p2pcast import jobrecord
 from p2pcast.errors import BadMountSpec, StageError, StoreError
 from p2pcast.jobspec import Mount, check_job_id
+from p2pcast.prefix import ImagePrefix
 from p2pcast.stage import StagedImage, stage_image, unstage_path
 from p2pcast.stage.mounts import is_mount_point
 from p2pcast.stage.remove import remove_tree
@@ -243,8 +247,17 @@ class JobStaging:
         mounts: Sequence[Mount],
         uid: int,
         gid: int,
+        growing: ImagePrefix | None = None,
     ) -> StagedEntry:
-        """Stage (or reuse) the copy for this job, count the job, write its record."""
+        """Stage (or reuse) the copy for this job, count the job, write its record.
+
+        ``growing``: the image is still arriving (its verified prefix). A tar
+        is then unpacked while it arrives, and the copy is published and
+        counted only once the whole image verified; a failing broadcast fails
+        this call with StageError and leaves nothing staged. Another job
+        asking for the same copy meanwhile waits on the copy's lock and then
+        shares it, as with a complete image.
+        """
         key = staging_key(image_id, image_type, uid)
         # A requeued job keeps its id: what it held before is released first.
         for other in self.table.keys_of(job):
@@ -262,7 +275,7 @@ class JobStaging:
                 dest = self.staged_dir / key
                 await asyncio.to_thread(unstage_path, dest)  # residue of a crash
                 staged = await asyncio.to_thread(
-                    stage_image, image_path, image_type, dest, owner=owner
+                    stage_image, image_path, image_type, dest, owner=owner, growing=growing
                 )
                 entry = StagedEntry(key, image_id, name, staged, set())
                 self.table.put(entry)

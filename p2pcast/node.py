@@ -5,7 +5,10 @@ node, shared by all broadcasts running on it. :class:`Broadcast` drives one
 image's :class:`~p2pcast.swarm.Swarm`: it turns the scheduler's actions into
 requests on links and reads from the origin, and feeds arrivals back. Chunks
 are verified (xxh3) before they are written, announced or served, and the
-whole image (sha256) before it is marked complete.
+whole image (sha256) before it is marked complete. The contiguous run of held
+chunks from the start is final once written, so each broadcast publishes it
+(:class:`~p2pcast.prefix.ImagePrefix`) for staging to unpack a tar from while
+the rest still arrives.
 
 A broadcast links only to its overlay neighbours (:mod:`p2pcast.overlay`:
 every other node up to a few dozen, a bounded set beyond), and its swarm knows
@@ -37,6 +40,7 @@ from p2pcast.errors import (
     StoreError,
 )
 from p2pcast.origins.base import Origin
+from p2pcast.prefix import ImagePrefix, held_chunks, prefix_bytes
 from p2pcast.protocol import (
     BitfieldReceived,
     ChunkBodyEnded,
@@ -354,6 +358,12 @@ class Broadcast:
         self.transfer_done_at: float | None = self.finished_at
         self.wakeup = asyncio.Event()
         self.hash_frontier = 0  # chunks before this index are fed to the sha256
+        #: chunks before this index are all held (xxh3-checked and written);
+        #: unlike hash_frontier it never lags behind a hashing thread
+        self.held_frontier = len(have)
+        #: the verified prefix for readers in other threads (staging unpacks
+        #: a tar from it while chunks still arrive)
+        self.prefix = ImagePrefix(self.manifest.name, self.manifest.size)
         self.hashing: asyncio.Future[None] | None = None
         self.done = asyncio.Event()
         self.links: dict[PeerLink, int] = {}
@@ -365,7 +375,17 @@ class Broadcast:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.listeners: list[Callable[[], None]] = []
         if self.cached:
+            self.prefix.verified()
             self.done.set()
+
+    @property
+    def held_prefix(self) -> int:
+        """Bytes at the start of the image file that are held and trustworthy.
+
+        The cache file holds the raw image at its offsets (compressed chunks
+        are decoded before they are written), so these bytes are the image's.
+        """
+        return prefix_bytes(self.held_frontier, self.manifest.chunk_size, self.manifest.size)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -393,6 +413,7 @@ class Broadcast:
                 raise self.error
             await asyncio.to_thread(self.image.verify_image)
             self.image.mark_complete()
+            self.prefix.verified()
             self.state = "complete"
             self.finished_at = time.time()
             for link in self.rank_links.values():
@@ -412,9 +433,13 @@ class Broadcast:
             self.state = "failed"
             self.finished_at = time.time()
             log.error("broadcast of %s failed: %s", self.manifest.name, exc)
+        self.prefix.fail(exc)
         self.wakeup.set()
 
     async def stop(self) -> None:
+        # First: a staging thread waiting for more of the image must not wait
+        # for a broadcast that is going away (a no-op once verified).
+        self.prefix.fail("the broadcast was stopped")
         self.service.unregister(self)
         for task in list(self.tasks):
             task.cancel()
@@ -540,6 +565,9 @@ class Broadcast:
         self.swarm.chunk_received(index, source, self.loop.time())
         if fresh:
             self.service.announce(self.image_id, index)
+            if index == self.held_frontier:
+                self.held_frontier = held_chunks(self.swarm.have, index)
+                self.prefix.advance(self.held_prefix)
             self._notify()
             self._hash_prefix()
 
@@ -549,9 +577,7 @@ class Broadcast:
             return
         if self.hashing is not None and not self.hashing.done():
             return
-        have, index = self.swarm.have, self.hash_frontier
-        while index < len(have) and have[index]:
-            index += 1
+        index = held_chunks(self.swarm.have, self.hash_frontier)
         if index == self.hash_frontier:
             return
         self.hash_frontier = index

@@ -2,11 +2,15 @@
 
     stage_image(image, "squashfs", dest)   kernel loop mount, squashfuse or unsquashfs
     stage_image(image, "tar.zst", dest)    defensive untar (see ``untar``)
+    stage_image(..., growing=prefix)       untar while the image still arrives
     StagedImage.unstage() / unstage_path(dest)   unmount and remove, idempotently
 
 ``dest`` is either absent or complete: unpacked trees are built in a private
 scratch directory beside it and renamed into place, and a mount that fails its
-checks is undone before the error is raised.
+checks is undone before the error is raised. With ``growing`` (the image's
+:class:`~p2pcast.prefix.ImagePrefix`), a tar is unpacked from the image's
+verified prefix while the broadcast still runs, and published only after the
+whole image's sha256 matched: ``dest`` stays absent until then.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pcast.errors import BadImageFile, ConfigError, StageError
+from p2pcast.prefix import ImagePrefix
 from p2pcast.stage.mounts import mounts_under, unmount_all_under
 from p2pcast.stage.remove import remove_tree
 from p2pcast.stage.scratch import (
@@ -28,6 +33,7 @@ from p2pcast.stage.scratch import (
     remove_stale_scratch,
 )
 from p2pcast.stage.squash import SQUASH_METHODS, mount_squashfs, unavailable, unsquash_into
+from p2pcast.stage.stream import open_growing
 from p2pcast.stage.tree import O_DIR, resolve_mount_point, split_inside
 from p2pcast.stage.untar import TAR_TYPES, ExtractReport, extract_tar_into, safe_extract_tar
 
@@ -102,6 +108,7 @@ def stage_image(
     method: str = "auto",
     mount_points: Sequence[str] = (),
     owner: tuple[int, int] | None = None,
+    growing: ImagePrefix | None = None,
 ) -> StagedImage:
     """Stage ``image_path`` at ``dest`` (absent or an empty directory).
 
@@ -111,6 +118,12 @@ def stage_image(
     ``ch-run -b SRC:DST`` can bind onto it; a read-only mount that lacks one is
     an error. ``owner`` (uid, gid) gets the unpacked files (default: the
     caller). On any error nothing is left mounted or created at ``dest``.
+
+    ``growing``: the image is still arriving and this tracks its verified
+    prefix. A tar is unpacked from that prefix as it grows (blocking this
+    thread while it waits) and moved into place only once the whole image
+    verified; a SquashFS waits for that before it is mounted. StageError when
+    the image fails to arrive.
     """
     if image_type not in IMAGE_TYPES:
         raise BadImageFile(f"unknown image type {image_type!r}; expected one of {IMAGE_TYPES}")
@@ -128,11 +141,22 @@ def stage_image(
         if method not in ("auto", "untar"):
             raise ConfigError(f"method {method!r} cannot stage a {image_type} image; use untar")
         neutralised = _unpack(
-            dest, mount_points, lambda root: _untar(image, image_type, root, owner)
+            dest,
+            mount_points,
+            lambda root: _untar(image, image_type, root, owner, growing),
+            growing.wait_verified if growing is not None else None,
         )
-        log.info("staged %s at %s by untar (%d entries neutralised)", image, dest, neutralised)
+        log.info(
+            "staged %s at %s by untar%s (%d entries neutralised)",
+            image,
+            dest,
+            f" while it arrived ({growing.read_early} bytes early)" if growing else "",
+            neutralised,
+        )
         return StagedImage(dest, "untar", image)
 
+    if growing is not None:
+        growing.wait_verified()  # a mount needs the whole image
     if method == "untar":
         raise ConfigError("method 'untar' cannot stage a squashfs image")
     forced = method != "auto"
@@ -166,10 +190,20 @@ def stage_image(
     raise StageError(f"cannot stage {image}: {'; '.join(failures)}")
 
 
-def _untar(image: Path, image_type: str, root: Path, owner: tuple[int, int] | None) -> int:
-    report: ExtractReport = extract_tar_into(
-        image, image_type, root, owner=owner, space_on=root.parent.parent
-    )
+def _untar(
+    image: Path,
+    image_type: str,
+    root: Path,
+    owner: tuple[int, int] | None,
+    growing: ImagePrefix | None,
+) -> int:
+    if growing is None:
+        report = extract_tar_into(image, image_type, root, owner=owner, space_on=root.parent.parent)
+        return report.neutralised
+    with open_growing(image, growing) as source:
+        report = extract_tar_into(
+            source, image_type, root, owner=owner, space_on=root.parent.parent
+        )
     return report.neutralised
 
 
@@ -177,8 +211,17 @@ def _unsquash(image: Path, root: Path, owner: tuple[int, int] | None) -> int:
     return unsquash_into(image, root, owner or (os.geteuid(), os.getegid()), root.parent.parent)
 
 
-def _unpack(dest: Path, mount_points: Sequence[str], fill: _Filler) -> int:
-    """Build a tree with ``fill`` in private scratch, add mount points, move it to ``dest``."""
+def _unpack(
+    dest: Path,
+    mount_points: Sequence[str],
+    fill: _Filler,
+    before_publish: Callable[[], None] | None = None,
+) -> int:
+    """Build a tree with ``fill`` in private scratch, add mount points, move it to ``dest``.
+
+    ``before_publish`` runs last before the move and may raise to abandon the
+    tree (it waits for the image's sha256 when the tree came from a prefix).
+    """
     with private_workdir(dest) as work:
         root = work / "rootfs"
         neutralised = fill(root)
@@ -192,6 +235,8 @@ def _unpack(dest: Path, mount_points: Sequence[str], fill: _Filler) -> int:
                 raise no_space_or(exc, dest.parent, f"creating mount points in {dest}") from exc
             finally:
                 os.close(fd)
+        if before_publish is not None:
+            before_publish()
         publish(root, dest)
     return neutralised
 
