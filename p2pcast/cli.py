@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=parse_size,
         default=None,
-        help="e.g. 4M (default: 1-4 MiB, so that the image has at least 256 chunks)",
+        help="e.g. 4M (default: 1-4 MiB, so that the image has at least 1024 chunks)",
     )
     _origin_args(p)
     _common(p)

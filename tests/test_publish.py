@@ -302,10 +302,11 @@ def test_small_image_single_short_chunk(tmp_path: Path) -> None:
     [
         (0, MiB),
         (1000, MiB),
-        (256 * MiB, MiB),  # exactly 256 chunks of 1 MiB; 2 MiB would give 128
-        (512 * MiB - 1, MiB),
-        (512 * MiB, 2 * MiB),
-        (1024 * MiB, 4 * MiB),
+        (256 * MiB, MiB),  # fewer than 1024 chunks even at 1 MiB: the smallest
+        (1024 * MiB, MiB),  # exactly 1024 chunks of 1 MiB; 2 MiB would give 512
+        (2048 * MiB - 1, MiB),
+        (2048 * MiB, 2 * MiB),
+        (4096 * MiB, 4 * MiB),
         (20 * 1024 * MiB, limits.DEFAULT_CHUNK_SIZE),  # never beyond the default
     ],
 )
