@@ -355,6 +355,11 @@ def _write_config(state: dict[str, Any]) -> None:
             (d / "nodes" / node / sub).mkdir(mode=0o755, parents=True)
 
 
+def _node_private(path: str) -> bool:
+    """Whether PATH lies where every node has a directory of its own (/tmp, /dev/shm)."""
+    return any(Path(path).resolve().is_relative_to(p) for p in NODE_PRIVATE)
+
+
 def _holder_script(state: Mapping[str, Any], node: str) -> str:
     """Runs in the node's new mount and UTS namespace, then becomes the process that
     holds them (`sleep`); slurmd and the p2pcast daemon join them with nsenter.
@@ -362,10 +367,23 @@ def _holder_script(state: Mapping[str, Any], node: str) -> str:
     the host."""
     d = Path(state["dir"])
     q = shlex.quote
+    # A checkout under /tmp (a clone made there) would vanish behind the node's
+    # own /tmp, and with it the hooks and the venv: bind it aside first, then
+    # back at the same path on the private tmpfs.
+    carried = [p for p in (str(REPO),) if _node_private(p)]
+    keep = d / "nodes" / node / "carried"
     return "\n".join(
         [
             f"hostname {q(node)}",
+            *(
+                f"mkdir -p {q(str(keep / str(i)))} && mount --bind {q(p)} {q(str(keep / str(i)))}"
+                for i, p in enumerate(carried)
+            ),
             *(f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {p}" for p in NODE_PRIVATE),
+            *(
+                f"mkdir -p {q(p)} && mount --bind {q(str(keep / str(i)))} {q(p)}"
+                for i, p in enumerate(carried)
+            ),
             f"mount --bind {q(str(d / 'hosts'))} /etc/hosts",
             f"mount --bind {q(str(d / 'nodes' / node / 'run'))} {NODE_RUN}",
             f"mount --bind {q(str(d / 'nodes' / node / 'lib'))} {NODE_LIB}",
@@ -741,7 +759,7 @@ class Slurm:
         for hook in (prolog, epilog):
             if hook and not os.access(hook, os.X_OK):
                 raise SlurmError(f"hook {hook} is not an executable file")
-            if hook and any(Path(hook).resolve().is_relative_to(p) for p in NODE_PRIVATE):
+            if hook and _node_private(hook) and not Path(hook).resolve().is_relative_to(REPO):
                 raise SlurmError(f"hook {hook}: every node has its own /tmp; put it elsewhere")
         instance = _ceph_for(ceph)
         with _locked():
