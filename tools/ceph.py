@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
@@ -48,10 +47,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the `tools` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.statefile import StateFiles
 
 #: Where instances keep their state file (NAME.json) and directory (NAME/).
 STATE_DIR = Path(
@@ -96,6 +100,9 @@ BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool")
 
 class CephError(RuntimeError):
     """A failure the CLI reports as one line."""
+
+
+_STATES = StateFiles(STATE_DIR, CephError, private=True, mode=0o700)
 
 
 def missing_binaries() -> list[str]:
@@ -188,39 +195,20 @@ def _check_name(name: str) -> None:
 
 
 def state_path(name: str) -> Path:
-    return STATE_DIR / f"{name}.json"
+    return _STATES.path(name)
 
 
 def _read_state(name: str) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads(state_path(name).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CephError(f"unreadable state file {state_path(name)}: {exc}") from exc
-    return state
+    return _STATES.read(name)
 
 
 def _write_state(state: Mapping[str, Any]) -> None:
-    path = state_path(state["name"])
-    tmp = path.with_suffix(".tmp")
-    # It holds the S3 secret: readable by root only.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    _STATES.write(state["name"], state)
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """Serialize ups and downs (flock on the state directory)."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _locked() -> contextlib.AbstractContextManager[None]:
+    """Serialize up and down (flock on the state directory)."""
+    return _STATES.locked()
 
 
 # ---- network ----------------------------------------------------------------------

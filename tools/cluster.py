@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
@@ -31,11 +30,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the `tools` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.statefile import StateFiles
 
 STATE_DIR = Path(os.environ.get("P2PCAST_CLUSTER_DIR", "/run/p2pcast-cluster"))
 NETNS_DIR = Path("/run/netns")
@@ -66,6 +70,9 @@ _RATE_UNITS |= {"m": 10**6, "mbit": 10**6, "g": 10**9, "gbit": 10**9}
 
 class ClusterError(RuntimeError):
     """A failure the CLI reports as one line (bad input, not root, a failed ip/tc call)."""
+
+
+_STATES = StateFiles(STATE_DIR, ClusterError)
 
 
 # ---- units -----------------------------------------------------------------------
@@ -231,35 +238,20 @@ class Host:
 
 
 def state_path(name: str) -> Path:
-    return STATE_DIR / f"{name}.json"
+    return _STATES.path(name)
 
 
 def _read_state(name: str) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads(state_path(name).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ClusterError(f"unreadable state file {state_path(name)}: {exc}") from exc
-    return state
+    return _STATES.read(name)
 
 
 def _write_state(name: str, state: Mapping[str, Any]) -> None:
-    tmp = state_path(name).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, state_path(name))
+    _STATES.write(name, state)
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """Serialize changes to clusters and state files (flock on the state directory)."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _locked() -> contextlib.AbstractContextManager[None]:
+    """Serialize changes to clusters and state files."""
+    return _STATES.locked()
 
 
 def check_name(name: str) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -35,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -46,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the `tools` package impor
 from tools import ceph as ceph_tool
 from tools import cluster as net
 from tools.cluster import ClusterError
+from tools.statefile import StateFiles
 
 #: The checkout this file lives in: its slurm/ hooks and its .venv are the defaults.
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,9 @@ COMMS = {"munged": "munged", "slurmctld": "slurmctld", "holder": "sleep", "slurm
 class SlurmError(ClusterError):
     """A failure the CLI reports with exit code 1 (a ClusterError, so callers of both
     tools catch one class)."""
+
+
+_STATES = StateFiles(STATE_DIR, SlurmError)
 
 
 # ---- small helpers --------------------------------------------------------------------
@@ -160,7 +163,7 @@ def _connects(family: socket.AddressFamily, address: Any) -> bool:
 
 
 def state_path(name: str) -> Path:
-    return STATE_DIR / f"{name}.json"
+    return _STATES.path(name)
 
 
 def cluster_dir(name: str) -> Path:
@@ -168,32 +171,16 @@ def cluster_dir(name: str) -> Path:
 
 
 def _read_state(name: str) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads(state_path(name).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise SlurmError(f"unreadable state file {state_path(name)}: {exc}") from exc
-    return state
+    return _STATES.read(name)
 
 
 def _write_state(state: Mapping[str, Any]) -> None:
-    path = state_path(state["name"])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    _STATES.write(state["name"], state)
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """Serialize up/down of slurm clusters (flock on the state directory)."""
-    STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _locked() -> contextlib.AbstractContextManager[None]:
+    """Serialize up and down (flock on the state directory)."""
+    return _STATES.locked()
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
