@@ -339,24 +339,23 @@ class PeerLink:
     def _report_close(self, error: P2PCastError | None) -> None:
         """Log why the link closed, unless it closed cleanly or on our own
         decision. Each hostile connection leaves one reason (or a count of it)."""
-        who = self.peer_node or self.address
+        # The node name of an unproven Hello is only the peer's claim: the
+        # address is what finds the host that sent the bytes.
+        who = self.peer_node if self.authenticated else None
+        if who is None:
+            who = f"{self.peer_node} ({self.address})" if self.peer_node else self.address
         if isinstance(error, HandshakeError):
-            self._log(logging.WARNING, "refusing %s (%s): %s", who, self.address, error)
+            self._log(logging.WARNING, "refusing %s: %s", who, error)
         elif isinstance(error, ProtocolError):
             self._log(logging.WARNING, "closing link to %s: %s", who, error)
         elif isinstance(error, AuthUnavailable):
-            self._log(logging.WARNING, "link to %s: cannot authenticate: %s", self.address, error)
+            self._log(logging.WARNING, "link to %s: cannot authenticate: %s", who, error)
         elif self.role is Role.DOWNSTREAM:
             return  # the node logs a lost link to a peer it chose (Broadcast.link_lost)
         elif error is not None:
-            self._log(logging.WARNING, "closing link to %s (%s): %s", who, self.address, error)
+            self._log(logging.WARNING, "closing link to %s: %s", who, error)
         elif not self.authenticated and not self._closing:
-            self._log(
-                logging.WARNING,
-                "closing link to %s (%s): it closed before authenticating",
-                who,
-                self.address,
-            )
+            self._log(logging.WARNING, "closing link to %s: it closed before authenticating", who)
 
     def _log(self, level: int, msg: str, *args: object) -> None:
         if self.close_log is not None:

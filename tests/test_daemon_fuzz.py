@@ -104,9 +104,7 @@ RSS_SAMPLE_PERIOD = 0.25
 LEGIT_REASON_SLACK = 10
 
 #: A close reason line of the transport (refusing, closing, cannot authenticate).
-REASON_LINE = re.compile(
-    r" WARNING (refusing \S+ \(|closing link to |link to \S+: cannot authenticate)"
-)
+REASON_LINE = re.compile(r" WARNING (refusing |closing link to |link to .*: cannot authenticate)")
 SUMMARY_LINE = re.compile(rf" WARNING (\d+) {transport_mod.CLOSE_LOG_SUMMARY}")
 
 _PREFIX = struct.Struct(">I")

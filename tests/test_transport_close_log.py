@@ -85,6 +85,6 @@ def test_accepted_links_log_why_they_closed(caplog: pytest.LogCaptureFixture) ->
         asyncio.run(go())
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "closing link to peer:1 (peer:1): it closed before authenticating",
-        "closing link to peer:1 (peer:1): no handshake from peer:1 within 0.05 s",
+        "closing link to peer:1: it closed before authenticating",
+        "closing link to peer:1: no handshake from peer:1 within 0.05 s",
     ]
