@@ -576,7 +576,13 @@ class PeerLink:
                 while got < event.length:
                     n = await loop.sock_recv_into(self.sock, pending_body[got:])
                     if n == 0:
-                        self.conn.receive_data(b"")  # raises: closed mid-body
+                        # EOF mid-body is the peer's fault: the connection
+                        # raises ProtocolError for it at its next event (a
+                        # second receive_data(b"") would be LocalProtocolError,
+                        # our bug, and the peer would not be banned for it).
+                        self.conn.receive_data(b"")
+                        self.conn.next_event()
+                        raise ProtocolError("connection closed mid-body")  # not reached
                     self.conn.body_received(n)
                     got += n
                 continue

@@ -16,6 +16,13 @@ sha256; the attacked daemon's RSS stays within RSS_GROWTH_LIMIT of its
 baseline; the daemon closed every hostile connection (the attacker saw EOF,
 a reset or a Goodbye) and logged a reason for each (one line each, or counted
 in the rate-limited summary lines); no daemon logged a traceback.
+
+The listener is the daemon's upstream side, where a Chunk is refused at its
+header. Chunk bodies arrive on its downstream side, on links it opens to
+peers of its hostlist; the second test therefore puts lying upstreams (hosts
+with the secret, claiming every chunk) in the daemons' hostlist, each telling
+one lie about a chunk's length: each link is closed with a logged reason, the
+liar is never asked again, and the broadcast completes.
 """
 
 from __future__ import annotations
@@ -35,14 +42,27 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from p2pcast import limits
+from p2pcast import control, limits
 from p2pcast import transport as transport_mod
 from p2pcast.auth import load_secret
 from p2pcast.demo import DemoCluster, broadcast, make_image
+from p2pcast.errors import ProtocolError
+from p2pcast.manifest import Manifest
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
-from p2pcast.protocol import HelloReceived, PeerConnection, Role, messages
-from p2pcast.protocol.auth import NONCE_SIZE, SECRET, secret_proof
+from p2pcast.protocol import (
+    NEED_DATA,
+    AuthReceived,
+    ChunkRequested,
+    HelloReceived,
+    PeerClosed,
+    PeerConnection,
+    Role,
+    Subscribed,
+    messages,
+    pack_bits,
+)
+from p2pcast.protocol.auth import NONCE_SIZE, SECRET, check_secret_proof, secret_proof
 from p2pcast.protocol.frames import FrameDecoder
 from p2pcast.publish import push
 
@@ -483,20 +503,33 @@ class _Bar:
         pass
 
 
-@pytest.mark.slow
-def test_daemon_survives_hostile_bytes_while_serving(tmp_path: Path) -> None:
-    image = tmp_path / "image.tar"
+@dataclasses.dataclass(frozen=True)
+class Published:
+    origin: Path
+    manifest: Manifest
+    sha256: str
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    work = tmp_path_factory.mktemp("fuzz")
+    image = work / "image.tar"
     make_image(image, IMAGE_SIZE)
-    origin = tmp_path / "origin"
+    origin = work / "origin"
 
-    async def publish() -> bytes:
+    async def publish() -> Manifest:
         async with DirectoryOrigin(str(origin)) as o:
-            return (await push(str(image), o, IMAGE)).manifest.image_id
+            return (await push(str(image), o, IMAGE)).manifest
 
-    image_id = asyncio.run(publish())
+    manifest = asyncio.run(publish())
     want = sha256_of(image)
-    image.unlink()  # the caches hold three more copies
+    image.unlink()  # the caches hold the copies
+    return Published(origin, manifest, want)
 
+
+@pytest.mark.slow
+def test_daemon_survives_hostile_bytes_while_serving(tmp_path: Path, published: Published) -> None:
+    origin, image_id, want = published.origin, published.manifest.image_id, published.sha256
     cluster = DemoCluster(tmp_path / "cluster", 3, origin, "uvloop", True)
     try:
         cluster.start()
@@ -592,3 +625,166 @@ def test_daemon_survives_hostile_bytes_while_serving(tmp_path: Path) -> None:
         f" the broadcast ran from connection {overlap[0]} to {overlap[1]};"
         f" from peers {[results[n]['from_peers'] for n in cluster.names]}"
     )
+
+
+# ---- lying upstreams ----------------------------------------------------------------
+
+#: How each lying upstream answers a Request: Chunk headers announcing more or
+#: fewer bytes than the manifest's, more than any chunk may have, or the right
+#: number and then fewer body bytes than announced (EOF mid-body), or more
+#: (a corrupt body and garbage after it).
+LIES = ("longer", "shorter", "zero", "beyond-limit", "eof-mid-body", "bytes-after-body")
+
+#: Loopback addresses of the lying upstreams (the daemons are on 127.0.0.2-4).
+LIAR_HOST_BASE = 10
+
+
+class LyingUpstream:
+    """A host that holds the cluster's secret, claims every chunk, and lies.
+
+    The attacked daemons connect to it as to any peer in their hostlist: this
+    is the only way to reach their downstream side, where Chunk bodies arrive.
+    """
+
+    def __init__(
+        self, name: str, host: str, port: int, secret: bytes, manifest: Manifest, lie: str
+    ):
+        self.name, self.host, self.port, self.secret = name, host, port, secret
+        self.manifest, self.lie = manifest, lie
+        self.image_id = manifest.image_id
+        #: links on which we lied, and of those, the ones the daemon closed
+        self.lied = 0
+        self.closed_by_daemon = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.serve, self.host, self.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def lie_about(self, index: int) -> bytes:
+        size = self.manifest.chunk(index).stored_size
+        head = {
+            "longer": size + 1,
+            "shorter": size - 1,
+            "zero": 0,
+            "beyond-limit": limits.MAX_CHUNK_BODY + 1,
+        }.get(self.lie, size)
+        body = bytes(min(head, size + 1))
+        if self.lie == "eof-mid-body":
+            body = body[: size // 2]
+        elif self.lie == "bytes-after-body":
+            body += b"\xff" * 16
+        return frame(6, self.image_id, index, head) + body
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = PeerConnection(
+            Role.UPSTREAM,
+            self.name,
+            nonce=secrets.token_bytes(NONCE_SIZE),
+            upstream=f"{self.host}:{self.port}",
+        )
+        writer.write(conn.hello())
+        lied = False
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), CLOSE_TIMEOUT):
+                conn.receive_data(data)
+                while (event := conn.next_event()) is not NEED_DATA:
+                    if isinstance(event, HelloReceived):
+                        proof = secret_proof(self.secret, conn.our_transcript())
+                        writer.write(conn.auth(SECRET, proof))
+                    elif isinstance(event, AuthReceived):
+                        check_secret_proof(self.secret, conn.peer_transcript(), event.proof)
+                        conn.accept_peer()
+                    elif isinstance(event, Subscribed):
+                        count = self.manifest.chunk_count
+                        writer.write(
+                            conn.bitfield(self.image_id, count, pack_bits(count, range(count)))
+                        )
+                    elif isinstance(event, ChunkRequested) and not lied:
+                        writer.write(self.lie_about(event.index))
+                        lied = True
+                        self.lied += 1
+                        if self.lie == "eof-mid-body":
+                            writer.write_eof()
+                    elif isinstance(event, PeerClosed):
+                        break
+                await writer.drain()
+            closed = True  # the daemon's Goodbye or EOF ended the loop
+        except (ConnectionError, ProtocolError):
+            closed = True  # a reset, or the stream cut short by the close
+        except TimeoutError:
+            closed = False
+        finally:
+            writer.close()
+        if lied and closed:
+            self.closed_by_daemon += 1
+
+
+@pytest.mark.slow
+def test_lying_upstreams_are_dropped_and_logged(tmp_path: Path, published: Published) -> None:
+    """Daemons whose hostlist includes hosts that hold the secret and lie in
+    every Chunk they send: each lie closes the link, with a logged reason, and
+    the broadcast completes from the honest daemons."""
+    cluster = DemoCluster(tmp_path / "cluster", 3, published.origin, "uvloop", True)
+    liar_names = [f"n{i}" for i in range(4, 4 + len(LIES))]
+    liar_hosts = {name: f"127.0.0.{LIAR_HOST_BASE + i}" for i, name in enumerate(liar_names)}
+    try:
+        cluster.start()
+        asyncio.run(cluster.wait_ready())
+        secret = load_secret(cluster.secret_file)
+        liars = [
+            LyingUpstream(name, liar_hosts[name], cluster.port, secret, published.manifest, lie)
+            for name, lie in zip(liar_names, LIES, strict=True)
+        ]
+
+        async def fetch(name: str) -> dict[str, object]:
+            result: dict[str, object] = {}
+            async for kind, body in control.call(
+                cluster.control(name),
+                "fetch",
+                image=str(IMAGE),
+                peers=f"n[1-{3 + len(LIES)}]",
+                node=name,
+                addresses={**cluster.hosts, **liar_hosts},
+                job="liars",
+            ):
+                if kind == control.RESULT:
+                    result = body
+            return result
+
+        async def go() -> list[dict[str, object]]:
+            for liar in liars:
+                await liar.start()
+            try:
+                return list(await asyncio.gather(*(fetch(name) for name in cluster.names)))
+            finally:
+                for liar in liars:
+                    await liar.stop()
+
+        results = asyncio.run(go())
+    finally:
+        cluster.stop()
+
+    for name, result in zip(cluster.names, results, strict=True):
+        assert result["state"] == "complete", (name, result)
+        assert sha256_of(str(result["path"])) == published.sha256, name
+    lied = sum(liar.lied for liar in liars)
+    assert lied > 0, "no daemon asked a liar for a chunk"
+    assert sum(liar.closed_by_daemon for liar in liars) == lied
+    logs = {
+        name: (cluster.work / "nodes" / name / "daemon.log").read_text() for name in cluster.names
+    }
+    reasons = sum(
+        1
+        for text in logs.values()
+        for line in text.splitlines()
+        if re.search(rf"(closing link to|banning) ({'|'.join(liar_names)})\b", line)
+    )
+    assert reasons >= lied, "\n".join(logs.values())[-3000:]
+    for name, text in logs.items():
+        assert "Traceback" not in text, (name, text[text.index("Traceback") - 500 :][:3000])
+    print(f"\n{lied} lies told ({[liar.lied for liar in liars]}), {reasons} reasons logged")

@@ -1,4 +1,5 @@
-"""Every link closed for a reason leaves a log line, rate-limited per listener."""
+"""Every link closed for a reason leaves a log line, rate-limited per listener;
+a reason that is the peer's fault is a ProtocolError."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import socket
 
 import pytest
 
-from p2pcast.auth import SecretAuth
-from p2pcast.errors import P2PCastError
-from p2pcast.protocol import Event, Role
+from p2pcast.auth import NoAuth, SecretAuth
+from p2pcast.errors import P2PCastError, ProtocolError
+from p2pcast.protocol import Auth, Chunk, Event, PeerConnection, Role, encode_frame
 from p2pcast.transport import CLOSE_LOG_SUMMARY, CloseLog, PeerLink, tune_socket
-from tests.helpers_node import TEST_SECRET
+from tests.helpers_node import TEST_SECRET, run_on
+from tests.test_protocol_support import nonce
 
 LOGGER = "p2pcast.test.closelog"
+IMAGE = bytes(range(16))
 
 
 class Handler:
@@ -88,3 +91,47 @@ def test_accepted_links_log_why_they_closed(caplog: pytest.LogCaptureFixture) ->
         "closing link to peer:1: it closed before authenticating",
         "closing link to peer:1: no handshake from peer:1 within 0.05 s",
     ]
+
+
+class Recorder(Handler):
+    def __init__(self) -> None:
+        self.errors: list[P2PCastError | None] = []
+
+    def link_closed(self, link: PeerLink, error: P2PCastError | None) -> None:
+        self.errors.append(error)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_eof_mid_body_is_the_peers_protocol_error(loop: str) -> None:
+    """Regression: an upstream that closed in the middle of a chunk body made
+    the zero-copy reader call receive_data(b"") twice, a LocalProtocolError
+    (our bug): the liar was not banned, and a daemon reconnected to it in a
+    tight loop (130,000 times in 2 minutes in tests/test_daemon_fuzz.py)."""
+
+    async def main() -> list[P2PCastError | None]:
+        ours, theirs = socket.socketpair()
+        tune_socket(ours)
+        theirs.setblocking(False)
+        handler = Recorder()
+        link = PeerLink(ours, Role.DOWNSTREAM, "n1", handler, auth=NoAuth(), zero_copy=True)
+        loop = asyncio.get_running_loop()
+        try:
+            link.start()
+            upstream = PeerConnection(Role.UPSTREAM, "n2", nonce=nonce(5))
+            hello_and_auth = upstream.hello() + encode_frame(Auth("none", b"").encode_fields())
+            await loop.sock_sendall(theirs, hello_and_auth)
+            await asyncio.wait_for(link.ready(5), 5)
+            link.send(link.conn.subscribe(IMAGE) + link.conn.request(IMAGE, 0))
+            # A header announcing 1000 bytes, 10 of them, then EOF.
+            chunk = encode_frame(Chunk(IMAGE, 0, 1000).encode_fields()) + bytes(10)
+            await loop.sock_sendall(theirs, chunk)
+            theirs.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(link.lost.wait(), 5)
+        finally:
+            link.abort(None)
+            theirs.close()
+        return handler.errors
+
+    errors = run_on(loop, main())
+    assert len(errors) == 1 and isinstance(errors[0], ProtocolError), errors
+    assert "closed mid-frame (990 body bytes due)" in str(errors[0])
