@@ -14,6 +14,11 @@ The handshake is authenticated (p2pcast.protocol.auth): the reader makes our
 proof when the peer's Hello arrives and checks the peer's when its Auth does
 (munge calls in a worker thread), reading nothing more meanwhile. A link is
 ``ready``, and its handler hears of it, only once the peer is authenticated.
+
+A link closed for a reason (bad bytes, a failed or timed-out handshake, a
+socket error, a peer gone before authenticating) logs the reason at WARNING;
+accepted links do so through their listener's :class:`CloseLog`, which turns
+a flood of them into a count.
 """
 
 from __future__ import annotations
