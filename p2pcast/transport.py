@@ -14,6 +14,11 @@ The handshake is authenticated (p2pcast.protocol.auth): the reader makes our
 proof when the peer's Hello arrives and checks the peer's when its Auth does
 (munge calls in a worker thread), reading nothing more meanwhile. A link is
 ``ready``, and its handler hears of it, only once the peer is authenticated.
+
+A link closed for a reason (bad bytes, a failed or timed-out handshake, a
+socket error, a peer gone before authenticating) logs the reason at WARNING;
+accepted links do so through their listener's :class:`CloseLog`, which turns
+a flood of them into a count.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -93,6 +99,74 @@ SERVING_SLACK = 64 * 1024
 #: ioctl asking a TCP socket how many bytes its send queue holds (SIOCOUTQ,
 #: the same number as TIOCOUTQ; not in Python's ``termios`` on every build).
 SIOCOUTQ = 0x5411
+
+#: Why an accepted link was closed is logged one line per link, but anyone who
+#: can reach the port can open connections by the thousand: past this many
+#: lines per CLOSE_LOG_WINDOW a listener only counts them and sums them up in
+#: one line, so a flood of bad connections cannot bury the log or fill a disk.
+CLOSE_LOG_BURST = 50
+
+#: Seconds of one rate-limiting window of close reasons (see CLOSE_LOG_BURST).
+CLOSE_LOG_WINDOW = 10.0
+
+#: The start of the line that sums up close reasons not logged one by one.
+CLOSE_LOG_SUMMARY = "more links closed for a reason"
+
+
+class CloseLog:
+    """Rate-limited log of why links were closed: a burst, then a count.
+
+    Up to ``burst`` lines per ``window`` seconds go to the log as they come;
+    the rest are counted, and the count is logged (at WARNING, as
+    ``"<n> more links closed for a reason ..."``) when the window ends, or at
+    ``flush()``. Every reason thus shows up, one by one or in a sum.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = CLOSE_LOG_BURST,
+        window: float = CLOSE_LOG_WINDOW,
+    ) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.window = window
+        self._window_start = -window
+        self._logged = 0
+        #: reasons counted but not logged yet
+        self.suppressed = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self.window:
+            self.flush()
+            self._window_start, self._logged = now, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            self.logger.log(level, msg, *args)
+            return
+        self.suppressed += 1
+        if self._flush_timer is None:
+            # The sum must not wait for the next bad connection, which may never come.
+            delay = self._window_start + self.window - now
+            self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Log the count of reasons not logged one by one (if any)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self.suppressed:
+            self.logger.warning(
+                "%d %s in the last %g s, not logged one by one (at most %d lines a window)",
+                self.suppressed,
+                CLOSE_LOG_SUMMARY,
+                self.window,
+                self.burst,
+            )
+            self.suppressed = 0
 
 
 #: A chunk waiting on a link: image id, index, and a callable giving its bytes
@@ -162,7 +236,11 @@ class PeerLink:
         auth: Authenticator,
         zero_copy: bool = True,
         address: str = "",
+        close_log: CloseLog | None = None,
     ) -> None:
+        """``close_log``: where an accepted link logs why it was closed (the
+        listener's, rate-limited); None logs every reason (the links we open:
+        as many as the peers we chose, so they cannot flood the log)."""
         self.sock = sock
         self.fd = sock.fileno()
         self.role = role
@@ -183,6 +261,11 @@ class PeerLink:
         self.peer_node: str | None = None
         self.hello = asyncio.get_running_loop().create_future()
         self.closed = False
+        #: the peer proved who it is (its Auth checked out)
+        self.authenticated = False
+        #: close() was called: our decision, not the peer's fault, nothing to report
+        self._closing = False
+        self.close_log = close_log
         #: Small frames (Have, Reject, Bitfield, Request...) go out before any
         #: chunk still queued: news of a chunk stuck behind one or two chunk
         #: bodies reached the very downstreams we serve up to a second late
@@ -255,12 +338,41 @@ class PeerLink:
             self.sock.close()
         except OSError:
             pass
+        self._report_close(error)
         self.handler.link_closed(self, error)
+
+    def _report_close(self, error: P2PCastError | None) -> None:
+        """Log why the link closed, unless it closed cleanly or on our own
+        decision. Each hostile connection leaves one reason (or a count of it)."""
+        # The node name of an unproven Hello is only the peer's claim: the
+        # address is what finds the host that sent the bytes.
+        who = self.peer_node if self.authenticated else None
+        if who is None:
+            who = f"{self.peer_node} ({self.address})" if self.peer_node else self.address
+        if isinstance(error, HandshakeError):
+            self._log(logging.WARNING, "refusing %s: %s", who, error)
+        elif isinstance(error, ProtocolError):
+            self._log(logging.WARNING, "closing link to %s: %s", who, error)
+        elif isinstance(error, AuthUnavailable):
+            self._log(logging.WARNING, "link to %s: cannot authenticate: %s", who, error)
+        elif self.role is Role.DOWNSTREAM:
+            return  # the node logs a lost link to a peer it chose (Broadcast.link_lost)
+        elif error is not None:
+            self._log(logging.WARNING, "closing link to %s: %s", who, error)
+        elif not self.authenticated and not self._closing:
+            self._log(logging.WARNING, "closing link to %s: it closed before authenticating", who)
+
+    def _log(self, level: int, msg: str, *args: object) -> None:
+        if self.close_log is not None:
+            self.close_log.log(level, msg, *args)
+        else:
+            log.log(level, msg, *args)
 
     async def close(self, code: int = GoodbyeCode.NORMAL, reason: str = "") -> None:
         """Say goodbye, flush what is queued (briefly), then close."""
         if self.closed:
             return
+        self._closing = True
         try:
             self.chunks.append(self.conn.goodbye(code, clean_reason(reason)))
             self.wake.set()
@@ -401,11 +513,7 @@ class PeerLink:
         except asyncio.CancelledError:
             raise
         except ProtocolError as exc:
-            who = self.peer_node or self.address
-            if isinstance(exc, HandshakeError):
-                log.warning("refusing %s (%s): %s", who, self.address, exc)
-            else:
-                log.warning("closing link to %s: %s", who, exc)
+            # Logged (rate-limited) by abort(), with every other reason to close.
             code = (
                 GoodbyeCode.HANDSHAKE_FAILED
                 if isinstance(exc, HandshakeError)
@@ -415,9 +523,6 @@ class PeerLink:
                 await loop.sock_sendall(self.sock, self.conn.goodbye(code, clean_reason(str(exc))))
             except (OSError, P2PCastError):
                 pass
-            error = exc
-        except AuthUnavailable as exc:
-            log.warning("link to %s: cannot authenticate: %s", self.address, exc)
             error = exc
         except P2PCastError as exc:
             error = exc
@@ -442,6 +547,7 @@ class PeerLink:
             self.auth.verify, event.method, self.conn.peer_transcript(), event.proof
         )
         self.conn.accept_peer()
+        self.authenticated = True
         log.debug("%s (%s) authenticated (%s)", self.peer_node, self.address, event.method)
         if not self.hello.done():
             self.hello.set_result(None)
@@ -475,7 +581,13 @@ class PeerLink:
                 while got < event.length:
                     n = await loop.sock_recv_into(self.sock, pending_body[got:])
                     if n == 0:
-                        self.conn.receive_data(b"")  # raises: closed mid-body
+                        # EOF mid-body is the peer's fault: the connection
+                        # raises ProtocolError for it at its next event (a
+                        # second receive_data(b"") would be LocalProtocolError,
+                        # our bug, and the peer would not be banned for it).
+                        self.conn.receive_data(b"")
+                        self.conn.next_event()
+                        raise ProtocolError("connection closed mid-body")  # not reached
                     self.conn.body_received(n)
                     got += n
                 continue
@@ -569,6 +681,8 @@ class Listener:
         self.zero_copy = zero_copy
         self.auth = auth
         self.task: asyncio.Task[None] | None = None
+        #: why accepted links were closed, rate-limited: anyone may connect
+        self.close_log = CloseLog(log)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._accept_loop(), name="accept")
@@ -591,6 +705,7 @@ class Listener:
                 auth=self.auth,
                 zero_copy=self.zero_copy,
                 address=f"{addr[0]}:{addr[1]}",
+                close_log=self.close_log,
             )
             link.start()
             link.tasks.append(asyncio.create_task(self._handshake_watch(link)))
@@ -606,3 +721,4 @@ class Listener:
         if self.task:
             self.task.cancel()
         self.sock.close()
+        self.close_log.flush()  # the count of reasons not logged yet
