@@ -120,9 +120,11 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.cache = NodeCache(config.state_dir / "cache")
-        removed = self.cache.remove_partial()
+        # Recent partial images stay: the same image asked again resumes from
+        # its verified chunks (p2pcast.store).
+        removed = self.cache.remove_stale_partial()
         if removed:
-            log.info("removed %d partial image(s) left by an earlier run", removed)
+            log.info("removed %d stale partial image(s) left by an earlier run", removed)
         self.listen = listen_address(config.listen)
         # Before the port opens: a daemon that cannot authenticate peers never
         # starts (auto never falls back to none).
@@ -186,7 +188,7 @@ class Daemon:
             self.server.close()
             await self.server.wait_closed()
         for broadcast in list(self.service.broadcasts.values()):
-            await broadcast.stop()
+            await broadcast.stop(keep_partial=True)  # a restart resumes it
         for task in self.runs.values():
             task.cancel()
         await asyncio.gather(*self.runs.values(), return_exceptions=True)

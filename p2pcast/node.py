@@ -10,6 +10,14 @@ chunks from the start is final once written, so each broadcast publishes it
 (:class:`~p2pcast.prefix.ImagePrefix`) for staging to unpack a tar from while
 the rest still arrives.
 
+A broadcast that finds a partial copy of its image left by an earlier run
+(the daemon was killed or restarted) resumes from it: before it links to any
+peer it re-checks that copy chunk by chunk against the manifest in a worker
+thread (:meth:`~p2pcast.store.ImageFile.scan_held`), and starts its swarm
+holding the chunks that match, as if they had just arrived verified: they are
+announced, served, hashed and published in the prefix; only the others are
+fetched. Its progress reports them as ``resumed_chunks``/``resumed_bytes``.
+
 A broadcast links only to its overlay neighbours (:mod:`p2pcast.overlay`:
 every other node up to a few dozen, a bounded set beyond), and its swarm knows
 only them. The service still accepts links from any node and serves whoever
@@ -23,7 +31,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from p2pcast import manifest as manifest_mod
@@ -337,16 +345,15 @@ class Broadcast:
         self.view = overlay.neighbours(
             rank, len(peers), degree=options.max_links, full_mesh=options.full_mesh
         )
-        self.swarm = Swarm(
-            chunk_sizes=[c.stored_size for c in self.manifest.chunks()],
-            rank=rank,
-            size=len(peers),
-            now=self.loop.time(),
-            rng=rng or random.Random(),
-            config=options.swarm,
-            have=have,
-            view=self.view,
-        )
+        self.rng = rng or random.Random()
+        self.swarm = self._new_swarm(have)
+        #: chunks (and their stored bytes) of a partial copy from an earlier
+        #: run that matched the manifest and were kept (see _resume)
+        self.resumed_chunks = 0
+        self.resumed_bytes = 0
+        #: the re-check of that partial copy, while it runs in a thread
+        self.scanning: asyncio.Future[list[int]] | None = None
+        self.stopped = False
         self.state = "complete" if self.image.complete else "fetching"
         self.error: P2PCastError | None = None
         #: when it was asked for (wall clock): progress times count from here,
@@ -387,6 +394,18 @@ class Broadcast:
         """
         return prefix_bytes(self.held_frontier, self.manifest.chunk_size, self.manifest.size)
 
+    def _new_swarm(self, have: Iterable[int]) -> Swarm:
+        return Swarm(
+            chunk_sizes=[c.stored_size for c in self.manifest.chunks()],
+            rank=self.rank,
+            size=len(self.peers),
+            now=self.loop.time(),
+            rng=self.rng,
+            config=self.options.swarm,
+            have=have,
+            view=self.view,
+        )
+
     # ---- lifecycle ----------------------------------------------------------
 
     def spawn(self, coro: Any, name: str) -> None:
@@ -397,6 +416,19 @@ class Broadcast:
     async def run(self) -> None:
         """Fetch until complete (or fail); peers keep being served afterwards."""
         self.service.register(self)
+        if self.image.resumed:
+            # Before any link: the swarm is rebuilt with what the scan found,
+            # and peers' bitfields and requests must reach the rebuilt one.
+            try:
+                await self._resume()
+            except P2PCastError as exc:
+                self.fail(exc)
+                self.done.set()
+                self._notify()
+                raise
+            if self.stopped:
+                self.done.set()  # as a cancelled run would have
+                return
         for rank in self.view:
             peer = self.peers[rank]
             self.spawn(self._keep_link(rank, peer), f"link {peer.name}")
@@ -427,6 +459,32 @@ class Broadcast:
         if self.error is not None:
             raise self.error
 
+    async def _resume(self) -> None:
+        """Start from the chunks of an earlier run's partial copy that verify."""
+        if self.stopped:
+            return
+        started = time.monotonic()
+        self.scanning = asyncio.ensure_future(asyncio.to_thread(self.image.scan_held))
+        # Shielded: a cancelled run() must not leave the thread reading a file
+        # that stop() closes; stop() waits for the scan instead.
+        held = await asyncio.shield(self.scanning)
+        if self.stopped or not held:
+            return
+        self.swarm = self._new_swarm(held)
+        self.resumed_chunks = len(held)
+        self.resumed_bytes = sum(self.manifest.chunk(i).stored_size for i in held)
+        self.held_frontier = held_chunks(self.swarm.have, 0)
+        self.prefix.advance(self.held_prefix)
+        for index in held:  # to upstream links that got an empty bitfield meanwhile
+            self.service.announce(self.image_id, index)
+        log.info(
+            "resuming %s: %d of %d chunks (%d bytes) of the partial copy verified in %.2f s",
+            self.manifest.name, len(held), self.manifest.chunk_count, self.resumed_bytes,
+            time.monotonic() - started,
+        )  # fmt: skip
+        self._notify()
+        self._hash_prefix()
+
     def fail(self, exc: P2PCastError) -> None:
         if self.error is None:
             self.error = exc
@@ -436,7 +494,11 @@ class Broadcast:
         self.prefix.fail(exc)
         self.wakeup.set()
 
-    async def stop(self) -> None:
+    async def stop(self, *, keep_partial: bool = False) -> None:
+        """Stop fetching and serving; an incomplete image is removed from the
+        cache unless ``keep_partial`` (the daemon is stopping: a restart
+        resumes from it, re-checking every chunk)."""
+        self.stopped = True
         # First: a staging thread waiting for more of the image must not wait
         # for a broadcast that is going away (a no-op once verified).
         self.prefix.fail("the broadcast was stopped")
@@ -444,12 +506,15 @@ class Broadcast:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.hashing is not None:
-            # The hashing thread reads the image's fd: never close it under it.
-            await asyncio.gather(self.hashing, return_exceptions=True)
+        # The hashing and scanning threads read the image's fds: never close
+        # them under those.
+        for thread in (self.hashing, self.scanning):
+            if thread is not None:
+                await asyncio.gather(thread, return_exceptions=True)
         if self.state != "complete":
             self.image.close()
-            self.service.cache.discard(self.image_id)
+            if not keep_partial:
+                self.service.cache.discard(self.image_id)
         else:
             self.image.close()
 
@@ -719,9 +784,13 @@ class Broadcast:
             "size": self.manifest.size,
             "seconds": round(elapsed, 4),
             "transfer_seconds": round((self.transfer_done_at or end) - self.started, 4),
-            "rate": done_bytes / elapsed if not self.cached else 0.0,
+            # resumed bytes came from this node's disk, not over the network
+            "rate": (done_bytes - self.resumed_bytes) / elapsed if not self.cached else 0.0,
             "from_origin": self.swarm.bytes_from_origin,
             "from_peers": self.swarm.bytes_from_peers,
+            # chunks of a partial copy from an earlier run that verified again
+            "resumed_chunks": self.resumed_chunks,
+            "resumed_bytes": self.resumed_bytes,
             # what this node's origin client actually read (all its broadcasts)
             "origin_bytes_read": self.origin.bytes_read if self.origin else 0,
             "cached": self.cached,

@@ -10,8 +10,17 @@ Layout under the cache root::
 Raw chunks go out by sendfile straight from ``image``; compressed chunks from
 ``stored``, so a node relays exactly the bytes it verified, without
 recompressing. An image without its ``complete`` marker is never handed out
-for staging; at start-up such partial images are removed (resuming them is a
-later feature).
+for staging.
+
+Partial images (no ``complete`` marker: the daemon died or stopped mid-way)
+are kept, so a restarted daemon resumes instead of starting over. Nothing in
+them is trusted: when the same image is opened again, :meth:`ImageFile.scan_held`
+re-checks every chunk against the manifest's xxh3 (one pass over the files, in
+a worker thread) and only the chunks that match count as held; the rest are
+fetched again, and the whole-image sha256 still decides completion. Stale
+partials do not pile up: ``gc`` removes partials as well as complete images
+(except those a broadcast is using), and the daemon drops partials untouched
+for :data:`PARTIAL_MAX_AGE` at start-up.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
+import math
 import os
 import shutil
 import time
@@ -32,9 +43,18 @@ from p2pcast.hashing import BytesLike, chunk_digest, image_hasher
 from p2pcast.manifest import ChunkRef, Manifest
 from p2pcast.protocol import FileSlice
 
+log = logging.getLogger(__name__)
+
 #: Read size when hashing a whole image: large enough for sha256 to run at
 #: full speed, small enough not to matter for memory.
 HASH_READ_SIZE = 8 * 1024 * 1024
+
+#: A partial image not written for this long is dropped at start-up (s). A
+#: restart after a crash or an update comes within minutes, and a requeued
+#: job within hours; a partial older than a day belongs to an image nobody
+#: asked for since, and would only hold disk space (``cache gc`` removes it
+#: sooner).
+PARTIAL_MAX_AGE = 24 * 3600.0
 
 
 def _store_error(action: str, path: Path, exc: OSError) -> StoreError:
@@ -64,10 +84,15 @@ class CacheEntry:
 class ImageFile:
     """One image being received (or complete) in the cache, open for I/O."""
 
-    def __init__(self, directory: Path, manifest: Manifest, *, complete: bool) -> None:
+    def __init__(
+        self, directory: Path, manifest: Manifest, *, complete: bool, resumed: bool = False
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.complete = complete
+        #: a partial image left by an earlier run: its chunks are unknown until
+        #: :meth:`scan_held` checked them
+        self.resumed = resumed
         self.image_path = directory / "image"
         self.stored_path = directory / "stored"
         # Offsets of compressed chunks in the ``stored`` file.
@@ -136,6 +161,40 @@ class ImageFile:
     def read_stored(self, chunk: ChunkRef) -> bytes:
         piece = self.chunk_slice(chunk.index)
         return os.pread(piece.fd, piece.length, piece.offset)
+
+    def scan_held(self) -> list[int]:
+        """The chunks of a partial image whose bytes match the manifest.
+
+        Blocking (run it in a thread). Reads each file once, one chunk at a
+        time into one reused buffer (memory: a chunk or two, whatever the
+        image size). A raw chunk is held if its bytes in ``image`` match the
+        chunk's xxh3; a compressed one if its bytes in ``stored`` do, and then
+        ``image`` gets the decoded bytes rewritten where they differ (the
+        daemon may have died between its two writes). Anything else, short
+        reads included, is simply not held: it is fetched again.
+        """
+        held: list[int] = []
+        buffer = bytearray(self.manifest.chunk_size)
+        view = memoryview(buffer)
+        try:
+            for chunk in self.manifest.chunks():
+                if chunk.stored_size > len(buffer):  # a manifest's chunks fit its chunk size
+                    continue
+                piece = self.chunk_slice(chunk.index)
+                stored = view[: os.preadv(piece.fd, [view[: piece.length]], piece.offset)]
+                if len(stored) != chunk.stored_size or chunk_digest(stored) != chunk.digest:
+                    continue
+                if chunk.codec is not Codec.RAW:
+                    try:
+                        raw = decode_chunk(chunk.codec, stored, chunk.raw_size)
+                    except ChunkCorrupt:
+                        continue  # an xxh3 collision, or a bad manifest: fetch it
+                    if os.pread(self.image_fd, chunk.raw_size, chunk.offset) != raw:
+                        _pwrite_all(self.image_fd, raw, chunk.offset)
+                held.append(chunk.index)
+        except OSError as exc:
+            raise _store_error("re-checking partial image", self.directory, exc) from exc
+        return held
 
     # ---- completion -------------------------------------------------------
 
@@ -219,7 +278,13 @@ class NodeCache:
         directory = self._dir(image_id)
         if self.is_complete(image_id):
             return ImageFile(directory, manifest, complete=True)
-        # A partial copy from a previous run is not trusted: start over.
+        if self._resumable(directory, manifest_bytes):
+            # A partial copy from an earlier run: kept, but none of its bytes
+            # count until ImageFile.scan_held checked them.
+            try:
+                return ImageFile(directory, manifest, complete=False, resumed=True)
+            except StoreError as exc:
+                log.warning("cannot resume %s, starting over: %s", directory, exc)
         shutil.rmtree(directory, ignore_errors=True)
         try:
             directory.mkdir(parents=True)
@@ -232,6 +297,20 @@ class NodeCache:
         except StoreError:
             shutil.rmtree(directory, ignore_errors=True)
             raise
+
+    @staticmethod
+    def _resumable(directory: Path, manifest_bytes: bytes) -> bool:
+        """A partial image of exactly this manifest, with its files in place.
+
+        The manifest is compared byte for byte: one half-written by a crash
+        (it is written before the image files) means nothing else was.
+        """
+        try:
+            return (directory / "manifest").read_bytes() == manifest_bytes and (
+                (directory / "image").is_file() and (directory / "stored").is_file()
+            )
+        except OSError:
+            return False
 
     def discard(self, image_id: bytes) -> None:
         """Remove an image (partial or complete) from the cache."""
@@ -251,20 +330,41 @@ class NodeCache:
                 path=directory / "image",
             )
 
-    def remove_partial(self) -> int:
-        """Drop every incomplete image (left by a crash); returns how many."""
+    def remove_stale_partial(
+        self, max_age: float = PARTIAL_MAX_AGE, now: float | None = None
+    ) -> int:
+        """Drop incomplete images not written for ``max_age`` seconds (and
+        directories without a readable manifest); returns how many.
+
+        Younger partials stay: the same image asked again resumes from them.
+        """
+        now = time.time() if now is None else now
         removed = 0
-        for entry in list(self.entries()):
-            if not entry.complete:
-                shutil.rmtree(entry.path.parent, ignore_errors=True)
+        for directory in sorted(self.images.iterdir()):
+            if (directory / "complete").exists():
+                continue
+            try:
+                manifest_mod.decode((directory / "manifest").read_bytes())
+                written = max(
+                    (directory / name).stat().st_mtime for name in ("manifest", "image", "stored")
+                )
+            except (OSError, ManifestCorrupt):
+                written = -math.inf  # half-made: nothing there to resume
+            if now - written > max_age:
+                shutil.rmtree(directory, ignore_errors=True)
                 removed += 1
         return removed
 
     def gc(self, keep: set[str]) -> list[CacheEntry]:
-        """Remove complete images not in ``keep`` (image ids in hex)."""
+        """Remove images, complete or partial, not in ``keep`` (image ids in hex).
+
+        Partials go too: one whose image is asked again is worth keeping only
+        until an administrator asks for the space, and the daemon keeps the
+        ones its broadcasts are writing (they are in ``keep``).
+        """
         removed = []
         for entry in list(self.entries()):
-            if entry.complete and entry.image_id not in keep:
+            if entry.image_id not in keep:
                 shutil.rmtree(entry.path.parent, ignore_errors=True)
                 removed.append(entry)
         return removed

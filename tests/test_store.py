@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -266,17 +267,27 @@ def test_complete_image_reopens_complete_and_read_only(cache: NodeCache, image: 
     assert read_file(cache.image_path(image.image_id)) == image.raw
 
 
-def test_partial_image_is_started_over_on_open(cache: NodeCache, image: Image) -> None:
+def test_partial_image_is_kept_but_not_trusted_on_open(cache: NodeCache, image: Image) -> None:
     with opened(cache, image) as f:
+        assert not f.resumed
         f.write_chunk(0, image.stored[0])
-        assert os.pread(f.image_fd, 16, 0) == image.raw[:16]
-        (f.directory / "leftover").write_bytes(b"from a crashed run")
     with opened(cache, image) as again:
-        assert not again.complete
-        assert os.pread(again.image_fd, 16, 0) == bytes(16)
-        assert not (again.directory / "leftover").exists()
+        assert not again.complete and again.resumed
+        # the bytes are still there; only scan_held decides what counts
+        assert os.pread(again.image_fd, 16, 0) == image.raw[:16]
+        assert again.scan_held() == [0]
         write_all(again, image)
         again.verify_image()
+
+
+def test_partial_with_another_manifest_file_is_started_over(cache: NodeCache, image: Image) -> None:
+    with opened(cache, image) as f:
+        f.write_chunk(0, image.stored[0])
+        (f.directory / "manifest").write_bytes(image.manifest_bytes[:-1])  # a torn write
+    with opened(cache, image) as again:
+        assert not again.resumed
+        assert os.pread(again.image_fd, 16, 0) == bytes(16)
+        assert (again.directory / "manifest").read_bytes() == image.manifest_bytes
 
 
 def test_close_is_idempotent(cache: NodeCache, image: Image) -> None:
@@ -321,12 +332,18 @@ def test_entries_gc_and_remove_partial(cache: NodeCache) -> None:
     assert entries["a/done"].path == cache.image_path(done.image_id)
     assert entries["a/done"].to_dict()["complete"] is True
 
-    assert cache.remove_partial() == 1
+    # young partials stay (a restart resumes them); stale ones and strays go
+    assert cache.remove_stale_partial() == 1
+    assert not (cache.images / "not-an-image").exists()
+    assert cache.image_path(partial.image_id).parent.exists()
+    assert cache.remove_stale_partial(max_age=3600, now=time.time() + 3599) == 0
+    assert cache.remove_stale_partial(max_age=3600, now=time.time() + 3601) == 1
     assert not cache.image_path(partial.image_id).parent.exists()
-    assert cache.remove_partial() == 0
+    with opened(cache, partial) as f:
+        f.write_chunk(0, partial.stored[0])
 
     removed = cache.gc(keep={done.image_id.hex()})
-    assert [e.name for e in removed] == ["c/other"]
+    assert sorted(e.name for e in removed) == ["b/partial", "c/other"]
     assert not cache.image_path(other.image_id).parent.exists()
     assert cache.is_complete(done.image_id)
     assert [e.name for e in cache.entries()] == ["a/done"]
