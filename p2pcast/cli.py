@@ -289,12 +289,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.output:
         _copy_out(Path(out["path"]), Path(args.output))
         out["output"] = args.output
+    # chunks a partial copy from an earlier run still held (checked again)
+    resumed = f" [resumed {human(out['resumed_bytes'])}]" if out.get("resumed_chunks") else ""
     emit(
         args,
         out,
         f"{out['name']}: {out['state']}, {human(out['size'])} in {out['seconds']:.2f} s"
         f" ({human(out['from_origin'])} from origin, {human(out['from_peers'])} from peers)"
-        f"{' [cached]' if out.get('cached') else ''}\n{out.get('output') or out['path']}",
+        f"{' [cached]' if out.get('cached') else ''}"
+        f"{resumed}"
+        f"\n{out.get('output') or out['path']}",
     )
     return 0
 

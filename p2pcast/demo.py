@@ -120,22 +120,24 @@ class DemoCluster:
         self.work.mkdir(parents=True, exist_ok=True)
         write_secret_file(self.secret_file)
         for name in self.names:
-            state = self.work / "nodes" / name
-            state.mkdir(parents=True, exist_ok=True)
-            cmd = [
-                sys.executable, "-m", "p2pcast", "daemon",
-                "--node", name, "--listen", self.hosts[name], "--port", str(self.port),
-                "--state-dir", str(state), "--control", self.control(name),
-                "--origin", str(self.origin), "--loop", self.loop,
-                "--auth", "secret", "--secret-file", str(self.secret_file),
-            ]  # fmt: skip
-            if not self.sendfile:
-                cmd.append("--no-sendfile")
-            log = open(state / "daemon.log", "wb")  # noqa: SIM115 - the child keeps it
-            self.procs[name] = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env
-            )
-            log.close()
+            self.start_node(name)
+
+    def start_node(self, name: str) -> None:
+        """Start (or restart, with the same state directory) one node's daemon."""
+        state = self.work / "nodes" / name
+        state.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "p2pcast", "daemon",
+            "--node", name, "--listen", self.hosts[name], "--port", str(self.port),
+            "--state-dir", str(state), "--control", self.control(name),
+            "--origin", str(self.origin), "--loop", self.loop,
+            "--auth", "secret", "--secret-file", str(self.secret_file),
+        ]  # fmt: skip
+        if not self.sendfile:
+            cmd.append("--no-sendfile")
+        log = open(state / "daemon.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
 
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
