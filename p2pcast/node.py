@@ -155,6 +155,8 @@ class PeerService:
         self.subscribers: dict[bytes, set[PeerLink]] = {}
         self.in_links: set[PeerLink] = set()
         self.bad_links = 0
+        #: Goodbyes under way to links no broadcast wants (see ``unregister``)
+        self._closing: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self.listener.start()
@@ -168,6 +170,7 @@ class PeerService:
         for pending in list(self.connecting.values()):
             pending.cancel()
         await asyncio.gather(*self.connecting.values(), return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         links = list(self.out_links.values()) + list(self.in_links)
         await asyncio.gather(
             *(link.close(GoodbyeCode.SHUTTING_DOWN, "daemon stopping") for link in links),
@@ -217,6 +220,25 @@ class PeerService:
     def unregister(self, broadcast: Broadcast) -> None:
         if self.broadcasts.get(broadcast.image_id) is broadcast:
             del self.broadcasts[broadcast.image_id]
+        self._close_unwanted_links()
+
+    def _close_unwanted_links(self) -> None:
+        """Say goodbye on our links to peers that no registered broadcast wants.
+
+        A link counts every image ever subscribed on it (the protocol has no
+        Unsubscribe) and refuses a Subscribe past MAX_SUBSCRIPTIONS_PER_LINK:
+        a daemon that kept its links forever could broadcast no image after
+        its 64th to a peer (bench/leak_check.py found it). A link dropped once
+        its broadcasts stop (cache-gc, shutdown) starts the next one afresh.
+        """
+        wanted = {b.peers[r].key for b in self.broadcasts.values() for r in b.view}
+        for key, link in list(self.out_links.items()):
+            if key in wanted or link.closed:
+                continue
+            del self.out_links[key]
+            task = asyncio.ensure_future(link.close(GoodbyeCode.NORMAL, "no broadcast uses it"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def announce(self, image_id: bytes, index: int) -> None:
         for link in self.subscribers.get(image_id, ()):
@@ -303,8 +325,10 @@ class PeerService:
             self.bad_links += 1  # closed for breaking the protocol (logged by the link)
         if link.role is Role.UPSTREAM:
             self.in_links.discard(link)
-            for links in self.subscribers.values():
+            for image_id, links in list(self.subscribers.items()):
                 links.discard(link)
+                if not links:  # else one empty set per image ever asked about, forever
+                    del self.subscribers[image_id]
             return
         for key, known in list(self.out_links.items()):
             if known is link:

@@ -18,10 +18,13 @@ from typing import Any
 
 import pytest
 
+from p2pcast import limits
 from p2pcast.errors import PeersUnreachable
+from p2pcast.names import ImageRef
 from p2pcast.node import CANCELLED, Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.directory import DirectoryOrigin
 from p2pcast.protocol import ChunkRequested, Event, FileSlice, RequestRejected
+from p2pcast.publish import push
 from p2pcast.swarm import CancelRequest, ReadOrigin, RequestChunk, SwarmConfig
 from p2pcast.transport import PeerLink
 from tests.helpers_node import (
@@ -30,6 +33,7 @@ from tests.helpers_node import (
     Cluster,
     Published,
     closed_port,
+    make_tar,
     publish,
     run_on,
     running,
@@ -87,6 +91,11 @@ def test_broadcast_to_four_nodes(
 
             # Again, from the cache: no origin read, no chunk from a peer.
             await cluster.stop_broadcasts()
+            # Stopping the last broadcast closes the links (the service drops
+            # links no broadcast wants): count per link, old and new ones.
+            sent_before = {
+                link: link.chunks_sent for n in cluster.nodes for link in n.service.in_links
+            }
             node = cluster.nodes[0]
             fresh_origin = DirectoryOrigin(published.origin_dir)
             try:
@@ -102,7 +111,11 @@ def test_broadcast_to_four_nodes(
                 assert progress["from_origin"] == progress["from_peers"] == 0
                 assert fresh_origin.bytes_read == 0
                 assert again.swarm.inflight == {}
-                assert chunks_served(cluster) == served
+                assert all(
+                    link.chunks_sent == sent_before.get(link, 0)
+                    for n in cluster.nodes
+                    for link in n.service.in_links
+                )
             finally:
                 await fresh_origin.close()
 
@@ -365,3 +378,32 @@ def test_cancelled_requests_are_answered_and_the_broadcast_completes(
             assert all(node.service.bad_links == 0 for node in cluster.nodes)
 
     run_on("asyncio", main())
+
+
+def test_more_images_than_a_link_may_subscribe_to(tmp_path: Path) -> None:
+    """A link counts every image subscribed on it and refuses one past the limit
+    (the protocol has no Unsubscribe): the service closes links once no
+    broadcast wants them, so image MAX_SUBSCRIPTIONS_PER_LINK + 2 still arrives."""
+    origin_dir = tmp_path / "origin"
+    images: list[Published] = []
+
+    async def publish_all() -> None:
+        async with DirectoryOrigin(origin_dir) as origin:
+            for i in range(limits.MAX_SUBSCRIPTIONS_PER_LINK + 2):
+                source = tmp_path / "image.tar"
+                make_tar(source, members=2, member_size=96 * 1024, seed=i)
+                ref = ImageRef("test/many", str(i))
+                await push(source, origin, ref, chunk_size=64 * 1024)
+                manifest = await origin.get_manifest(ref)
+                images.append(Published(source, origin_dir, manifest, sha256_of(source)))
+
+    asyncio.run(publish_all())
+
+    async def main() -> None:
+        async with running(tmp_path, images[0], 2) as cluster:
+            for image in images:
+                for broadcast in await cluster.broadcast(image):
+                    assert broadcast.progress()["state"] == "complete"
+                await cluster.stop_broadcasts()  # as cache-gc stops complete ones
+
+    run_on("uvloop", main())
