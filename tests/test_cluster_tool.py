@@ -362,3 +362,73 @@ def test_bad_input_is_rejected_before_touching_anything() -> None:
         Cluster.up(0)
     with pytest.raises(ClusterError, match="unknown hosts"):
         Cluster.up(2, rates={"n5": "10mbit"})
+
+
+# ---- faults: cut, restore, loss ---------------------------------------------------
+
+#: Probes a TCP port with nothing on it: "refused" means the host answered (a RST
+#: came back), a timeout means the packets went nowhere.
+_PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 9), timeout=1)
+except ConnectionRefusedError:
+    print("refused")
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+#: Sends COUNT small UDP datagrams to ADDRESS (nothing listens: only counters see them).
+_BLAST = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[2])):
+    s.sendto(b"x", (sys.argv[1], 9))
+"""
+#: Datagrams per direction: at 2 % loss, 5000 give 100 drops expected, and the
+#: bounds below (40..200) are > 5 standard deviations away.
+_BLAST_COUNT = 5000
+
+
+def test_cut_restore_and_loss(make_name: Callable[[str], tuple[str, str]]) -> None:
+    """cut() makes a host unreachable both ways (the origin too) and restore() brings
+    it back at once; set_loss() drops about that share each way, counted by
+    loss_drops(), and 0 removes it; down() leaves no nftables table behind."""
+    if shutil.which("nft") is None and not os.access("/usr/sbin/nft", os.X_OK):
+        pytest.skip("needs nft (apt-get install nftables)")
+    name, subnet = make_name("f")
+    with Cluster.up(2, "400mbit", name=name, subnet=subnet) as cluster:
+        a1, a2 = cluster.addresses["n1"], cluster.addresses["n2"]
+
+        def probe(src: str, dst: str) -> str:
+            argv = [sys.executable, "-c", _PROBE, dst]
+            return str(cluster.run(src, argv, capture_output=True, text=True).stdout.strip())
+
+        assert probe("n1", a2) == "refused"
+        cluster.cut("n2")
+        assert probe("n1", a2) == "TimeoutError"
+        assert probe("n2", a1) == "TimeoutError"
+        cluster.restore("n2")
+        assert probe("n1", a2) == "refused"
+        cluster.cut("origin")
+        assert probe("n1", cluster.origin_address) == "TimeoutError"
+        cluster.restore("origin")
+        assert probe("n1", cluster.origin_address) == "refused"
+
+        assert cluster.loss_drops("n2") == {}
+        cluster.set_loss("n2", 2.0)
+        cluster.set_loss("n2", 2.0)  # idempotent: replaces, does not stack
+        blast = [sys.executable, "-c", _BLAST]
+        cluster.run("n1", [*blast, a2, str(_BLAST_COUNT)], check=True)
+        cluster.run("n2", [*blast, a1, str(_BLAST_COUNT)], check=True)
+        drops = cluster.loss_drops("n2")
+        assert set(drops) == {"download", "upload"}
+        assert all(40 <= d <= 200 for d in drops.values()), drops
+        assert cluster.loss_drops("n1") == {}
+        cluster.set_loss("n2", 0)
+        assert cluster.loss_drops("n2") == {}
+        cluster.set_loss("n2", 50)  # left on: down() must remove the root table
+        with pytest.raises(ClusterError, match="out of range"):
+            cluster.set_loss("n2", 101)
+    nft = ["nft", "list", "tables"]
+    tables = subprocess.run(nft, capture_output=True, text=True, check=True).stdout
+    assert name not in tables

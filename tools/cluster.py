@@ -60,6 +60,10 @@ HTB_QUANTUM = 65536  # only has to exceed the largest (GSO) packet
 ACK_SHARE_DIVISOR = 20
 #: Its queue: small packets only, so a packet count, not bytes.
 ACK_LEAF = "pfifo limit 1000"
+#: set_loss's nftables table, in the lossy host's namespace (it goes with the namespace).
+LOSS_TABLE = "p2pcast_loss"
+#: set_loss draws numgen random mod LOSS_SCALE: loss is settable in steps of 0.01 %.
+LOSS_SCALE = 10_000
 #: The "leaf" of a cluster built with shaped=False: no qdisc at all, links run at
 #: veth speed (tools/slurm.py's default, where shaping is not the point).
 UNSHAPED = "none"
@@ -382,6 +386,51 @@ def _release_netns_dir() -> None:
             return
 
 
+def _nft_tool() -> str:
+    found = shutil.which("nft") or "/usr/sbin/nft"
+    if not os.access(found, os.X_OK):
+        raise ClusterError("`nft` not found: install nftables (apt-get install nftables)")
+    return found
+
+
+def _loss_table(name: str, node: str) -> str:
+    """set_loss's nftables table for NODE of cluster NAME. The bridge-side one is in the
+    root namespace, shared with other clusters, hence both names in it."""
+    return f"{LOSS_TABLE}_{name}_{node}"
+
+
+def _nft(lines: Sequence[str], netns: str | None = None) -> None:
+    """Apply nft LINES as one transaction, in network namespace NETNS if given."""
+    argv = [_nft_tool(), "-f", "-"]
+    if netns is not None:
+        argv = [_tool("ip"), "netns", "exec", netns, *argv]
+    proc = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        inside = f" (in {netns})" if netns else ""
+        raise ClusterError(f"nft{inside}: {_one_line(proc.stderr)}")
+
+
+def _drop_loss_tables(name: str) -> None:
+    """Delete cluster NAME's set_loss tables in the root namespace (those in its
+    namespaces go with them). Without nft there can be none."""
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    if not os.access(nft, os.X_OK):
+        return
+    proc = subprocess.run([nft, "-j", "list", "tables", "netdev"], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        return
+    prefix = _loss_table(name, "")
+    tables = [
+        item["table"]["name"]
+        for item in json.loads(proc.stdout or "{}").get("nftables", [])
+        if "table" in item and item["table"]["name"].startswith(prefix)
+    ]
+    if tables:
+        _nft([f"delete table netdev {t}" for t in tables])
+
+
 def _teardown(name: str) -> list[int]:
     """Stop every process in cluster NAME's namespaces, delete its namespaces, veths,
     bridge and state file. Works without a state file (a crashed `up`). Returns the
@@ -402,6 +451,7 @@ def _teardown(name: str) -> list[int]:
             break
         stuck = stop_processes(victims)
         background = {}
+    _drop_loss_tables(name)
     links = _own_links(name)
     lines = [f"link del {ln}" for ln in links if not ln.endswith("-br")]
     lines += [f"netns del {ns}" for ns in namespaces]
@@ -619,6 +669,65 @@ class Cluster:
         by it); it goes with the bridge on `down`."""
         require_privileges()
         _batch("tc", _shaping(self.bridge, parse_rate(rate_bit), self.leaf, self.delay_ms))
+
+    def cut(self, node: str) -> None:
+        """Cut NODE's link (a node or the origin): its veth's bridge-side end goes
+        down, so every frame to or from it is lost, as with a pulled cable or a dead
+        switch port. Its own end stays up (no carrier), its sockets stay open: TCP
+        retransmits until `restore`, or gives up on its own timeouts."""
+        require_privileges()
+        _batch("ip", [f"link set {self.host(node).veth} down"])
+
+    def restore(self, node: str) -> None:
+        """Undo `cut`. The bridge has no STP, so the port forwards again at once."""
+        require_privileges()
+        _batch("ip", [f"link set {self.host(node).veth} up"])
+
+    def set_loss(self, node: str, percent: float) -> None:
+        """Lose PERCENT of the packets on NODE's link, each direction on its own, at
+        random (0 removes the loss).
+
+        This kernel has neither netem nor tc's gact action, so it is nftables:
+        `numgen random mod LOSS_SCALE < k drop` on the netdev ingress hook of each
+        receiving end of NODE's veth, its own end (download) and the bridge-side
+        end (upload). Dropping where a packet arrives, not where it is sent, is
+        what makes it wire loss: a drop on the sender's output hook is reported to
+        the sending socket (EPERM), and TCP would just send again at once instead
+        of detecting a loss. Needs `nft` (apt-get install nftables)."""
+        if not 0 <= percent <= 100:
+            raise ClusterError(f"loss {percent} % out of range 0..100")
+        require_privileges()
+        threshold = round(percent * LOSS_SCALE / 100)
+        host = self.host(node)
+        for netns, dev in ((host.namespace, NS_IFACE), (None, host.veth)):
+            table = _loss_table(self.name, host.node)
+            # Declare-then-delete first: idempotent, and 0 leaves no table behind.
+            lines = [f"table netdev {table}", f"delete table netdev {table}"]
+            if threshold:
+                rule = f"numgen random mod {LOSS_SCALE} < {threshold} counter drop"
+                lines.append(
+                    f"table netdev {table} {{\n  chain ingress {{\n"
+                    f"    type filter hook ingress device {dev} priority 0; {rule}\n  }}\n}}"
+                )
+            _nft(lines, netns)
+
+    def loss_drops(self, node: str) -> dict[str, int]:
+        """Packets `set_loss` has dropped so far on NODE's link: {"download": towards
+        it, "upload": from it}; {} if it has no loss set."""
+        host = self.host(node)
+        drops: dict[str, int] = {}
+        for way, netns in (("download", host.namespace), ("upload", None)):
+            argv = [_nft_tool(), "-j", "list", "table", "netdev", _loss_table(self.name, host.node)]
+            if netns is not None:
+                argv = self.command(node, argv)
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                continue
+            for item in json.loads(proc.stdout).get("nftables", []):
+                for expr in item.get("rule", {}).get("expr", []):
+                    if "counter" in expr:
+                        drops[way] = int(expr["counter"]["packets"])
+        return drops
 
     def host_tx_bytes(self) -> int:
         """Bytes the host has sent into the bridge so far (to the nodes and the origin)."""
