@@ -35,6 +35,15 @@ node is always the node of rank N//2 (n2 of 2 or 3, n3 of 4 or 5, ...):
   killed node is not verified; the survivors must all end with a verified copy,
   else the method is reported as failed for that scenario with how many did (a
   chain breaks at the dead hop: that is a result, not an error).
+- ``partition``: that node's link is cut (``Cluster.cut``) for OUTAGE_S seconds
+  once it holds half of the image, then restored; it must finish too.
+- ``origin-outage``: the origin's link is cut for OUTAGE_S seconds once the
+  node of rank N//2 holds 30 %, then restored; every node must finish.
+- ``loss``: LOSS_PERCENT of the packets on that node's link are dropped, each
+  way, for the whole run (nftables on the receiving ends: this kernel has no
+  netem); it must finish too.
+  These three are run for p2pcast only (the others have no progress watcher
+  for them yet).
 
 For these the other nodes' first/median/last times are reported apart from the
 faulty node's own (the straggler's time, or when the kill came), and the others'
@@ -88,7 +97,20 @@ HTTP_PORT = 8080
 IMAGE_REF = ImageRef("bench", "latest")
 DEFAULT_NAME = "cbench"
 DEFAULT_SUBNET = "198.18.9.0/24"
-SCENARIOS = ("fault-free", "straggler", "kill")
+SCENARIOS = ("fault-free", "straggler", "kill", "partition", "origin-outage", "loss")
+#: Scenarios whose fault only p2pcast's runner carries out (a progress watcher
+#: that cuts a link); the other methods are not run in them.
+OUTAGE_SCENARIOS = ("partition", "origin-outage")
+#: partition, origin-outage: how long the link stays cut (s). Longer than TCP's
+#: first retransmission timeouts (0.2, 0.4, 0.8, 1.6 s), short of giving up.
+OUTAGE_S = 5.0
+#: The partition comes when the faulty node holds this fraction of the image.
+PARTITION_AT = 0.5
+#: The origin goes away at this fraction of the broadcast (as the faulty node
+#: sees it): early, while most chunks are still only at the origin.
+ORIGIN_OUTAGE_AT = 0.3
+#: loss: the share of packets lost on the faulty node's link, each direction.
+LOSS_PERCENT = 2.0
 ORIGINS = ("http", "ceph")
 #: What can start from Ceph: aria2's seeder holds the file in the origin namespace.
 CEPH_METHODS = ("p2pcast", "http", "chain")
@@ -188,7 +210,9 @@ def split_faulty(
     others = [f"n{i}" for i in range(1, n + 1) if f"n{i}" != faulty]
     done = sorted(seconds[node] for node in others if ok.get(node) and node in seconds)
     complete = len(done) == len(others)
-    own = seconds.get(faulty) if scenario == "straggler" and ok.get(faulty) else None
+    # The faulty node must finish too, unless it was killed (or is the origin).
+    must_finish = scenario in ("straggler", "partition", "loss")
+    own = seconds.get(faulty) if must_finish and ok.get(faulty) else None
 
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 3)
@@ -200,7 +224,7 @@ def split_faulty(
         "others_median_seconds": r(statistics.median(done)) if done else None,
         "others_last_seconds": r(done[-1]) if complete and done else None,
         "faulty_seconds": r(own),
-        "ok": complete and (scenario != "straggler" or own is not None),
+        "ok": complete and (not must_finish or own is not None),
     }
 
 
@@ -247,7 +271,9 @@ def summarize(
             nodes[node] = {"seconds": None, "sha256_ok": False}
             if node != fault.node and node in incomplete:
                 nodes[node]["incomplete"] = incomplete[node]
-        nodes[fault.node]["killed" if fault.scenario == "kill" else "straggler"] = True
+        if fault.node in nodes:  # not the origin
+            marks = {"kill": "killed", "straggler": "straggler"}
+            nodes[fault.node][marks.get(fault.scenario, fault.scenario)] = True
         nodes = {node: nodes[node] for node in _by_rank(nodes)}
     record: dict[str, Any] = {
         "method": method,
@@ -295,6 +321,11 @@ def fault_fields(
         fields["faulty_rate_divisor"] = STRAGGLER_DIVISOR
     if fault.scenario == "kill":
         fields |= {"kill_at": fault.at, **run.extra.get("kill", {})}
+    if fault.scenario in OUTAGE_SCENARIOS:
+        fields |= {"cut_at": fault.at, "cut_seconds": fault.duration}
+        fields |= run.extra.get("outage", {})
+    if fault.scenario == "loss":
+        fields["loss_percent"] = LOSS_PERCENT
     if fault_free is not None:
         last = fields["others_last_seconds"]
         fields["fault_free_last_seconds"] = fault_free
@@ -305,9 +336,21 @@ def fault_fields(
             f"{fields['others_completed']} of {fields['others_total']} {who} completed "
             "with a verified copy"
         )
-        if fault.scenario == "straggler" and fields["faulty_seconds"] is None:
-            fields["failure"] += f"; the straggler {fault.node} did not"
+        if fault.scenario != "kill" and fields["faulty_seconds"] is None and fault.node != "origin":
+            fields["failure"] += f"; the faulty node {fault.node} did not"
     return fields
+
+
+def _fault(scenario: str, n: int) -> cm.Fault | None:
+    """The fault of SCENARIO on an N-node cluster (None for fault-free)."""
+    node = faulty_node(n)
+    if scenario == "fault-free":
+        return None
+    if scenario == "partition":
+        return cm.Fault(scenario, node, PARTITION_AT, OUTAGE_S)
+    if scenario == "origin-outage":  # timed by the faulty node's progress
+        return cm.Fault(scenario, "origin", ORIGIN_OUTAGE_AT, OUTAGE_S, watch=node)
+    return cm.Fault(scenario, node, KILL_AT)
 
 
 def run_n(
@@ -325,7 +368,7 @@ def run_n(
     records: list[dict[str, Any]] = []
     floor = image["size"] / (parse_rate(args.rate) / 8)
     say = print if not args.quiet else (lambda *a, **k: None)
-    fault = None if scenario == "fault-free" else cm.Fault(scenario, faulty_node(n), KILL_AT)
+    fault = _fault(scenario, n)
     rates: dict[str, int | str] = {}
     if fault is not None and scenario == "straggler":
         rates[fault.node] = parse_rate(args.rate) // STRAGGLER_DIVISOR
@@ -333,6 +376,8 @@ def run_n(
     with Cluster.up(
         n, args.rate, args.origin_rate, name=args.name, subnet=args.subnet, rates=rates
     ) as cluster:
+        if fault is not None and scenario == "loss":
+            cluster.set_loss(fault.node, LOSS_PERCENT)
         origin_ip = cluster.origin_address
         server = None
         if ceph is not None:
@@ -350,6 +395,8 @@ def run_n(
                 _wait_port(origin_ip, HTTP_PORT)
             for repeat in range(args.repeat):
                 for method in args.methods:
+                    if scenario in OUTAGE_SCENARIOS and method != "p2pcast":
+                        continue  # only p2pcast's runner has the outage watcher yet
                     mwork = work / "runs" / f"{method}-n{n}{tag}-r{repeat}"
                     mwork.mkdir(parents=True)
                     setup = cm.Setup(
@@ -630,7 +677,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--scenarios", default="fault-free",
         help="comma list of fault-free, straggler (node of rank N//2 at a quarter of --rate), "
-        "kill (that node SIGKILLed at 50%% of its progress); default %(default)s",
+        "kill (that node SIGKILLed at 50%% of its progress), partition (its link cut 5 s at "
+        "50%%), origin-outage (the origin's link cut 5 s at 30%%), loss (2%% loss on its "
+        "link); default %(default)s",
     )  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="bench/results/cluster.json")

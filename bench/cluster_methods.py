@@ -87,6 +87,10 @@ class Fault:
     scenario: str  # "straggler" or "kill"
     node: str  # e.g. "n3"
     at: float = 0.5  # kill: the fraction of its progress at which it dies
+    #: partition, origin-outage: how long the link stays cut (s)
+    duration: float = 0.0
+    #: the node whose progress times the fault (default NODE; the origin has none)
+    watch: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +123,11 @@ class Setup:
     def victim(self) -> str | None:
         """The node to kill, if this run kills one."""
         return self.fault.node if self.fault and self.fault.scenario == "kill" else None
+
+    @property
+    def outage(self) -> Fault | None:
+        """The fault, if this run cuts a link for a while (partition, origin-outage)."""
+        return self.fault if self.fault and self.fault.duration > 0 else None
 
 
 # ---- CPU ----------------------------------------------------------------------------
@@ -299,11 +308,14 @@ class Killer:
             except Exception as exc:  # not up yet, or gone: look again
                 self.last_error, fraction = f"{type(exc).__name__}: {exc}", None
             if fraction is not None and fraction >= self.at:
-                self.killed_at = time.monotonic() - self.t0
-                self.killed_progress = round(fraction, 4)
-                self.killed_pids = kill_node(self.cluster, self.node)
+                self._fire(fraction)
                 return
             self._done.wait(KILL_POLL)
+
+    def _fire(self, fraction: float) -> None:
+        self.killed_at = time.monotonic() - self.t0
+        self.killed_progress = round(fraction, 4)
+        self.killed_pids = kill_node(self.cluster, self.node)
 
     def record(self) -> dict[str, Any]:
         """What the kill did, for the result record."""
@@ -312,6 +324,46 @@ class Killer:
             "killed_progress": self.killed_progress,
             "killed_pids": self.killed_pids,
             **({"kill_error": self.last_error} if self.killed_at is None else {}),
+        }
+
+
+class Outage(Killer):
+    """Cuts one host's link (a node, or the origin) for DURATION seconds once the
+    watched node's progress reaches AT, then restores it: the same watcher as
+    Killer. Stopping it early (the run ended or failed) restores the link at once."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        node: str,
+        progress: Callable[[], float | None],
+        at: float,
+        t0: float,
+        duration: float,
+    ) -> None:
+        super().__init__(cluster, node, progress, at, t0)
+        self.duration = duration
+        self.restored_at: float | None = None
+
+    def _fire(self, fraction: float) -> None:
+        self.killed_at = time.monotonic() - self.t0
+        self.killed_progress = round(fraction, 4)
+        self.cluster.cut(self.node)
+        try:
+            self._done.wait(self.duration)
+        finally:
+            self.cluster.restore(self.node)
+            self.restored_at = time.monotonic() - self.t0
+
+    def record(self) -> dict[str, Any]:
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 3)
+
+        return {
+            "cut_at_seconds": r(self.killed_at),
+            "cut_progress": self.killed_progress,
+            "restored_at_seconds": r(self.restored_at),
+            **({"cut_error": self.last_error} if self.killed_at is None else {}),
         }
 
 
@@ -341,7 +393,10 @@ def _file_progress(path: str, size: int) -> Callable[[], float | None]:
 
 
 def _control(work: Path, node: str) -> str:
-    return str(work / node / "control.sock")
+    # Beside the node's state directory, not in it: a UNIX socket path is limited
+    # to 107 bytes, and a run's directory under pytest's tmp_path with a long
+    # scenario name ("...-origin-outage-r0/n1/control.sock") went past it.
+    return str(work / f"{node}.sock")
 
 
 async def _ready(setup: Setup, procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -444,6 +499,11 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
             progress = _p2pcast_progress(_control(setup.work, setup.victim))
             # t0 of the watcher only dates the kill; the broadcast's t0 is a hair later
             killer = Killer(cluster, setup.victim, progress, setup.fault.at, time.monotonic())
+        elif (outage := setup.outage) is not None:
+            progress = _p2pcast_progress(_control(setup.work, outage.watch or outage.node))
+            killer = Outage(
+                cluster, outage.node, progress, outage.at, time.monotonic(), outage.duration
+            )
         meter.start()
         if killer is not None:
             killer.start()
@@ -485,6 +545,8 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
         # The killed daemon's origin reads are not known (it never answered): the
         # origin bytes are the survivors' only.
         extra |= {"incomplete": incomplete, "kill": killer.record()}
+    elif killer is not None:
+        extra["outage"] = killer.record()
     return MethodRun(
         seconds=seen,
         paths={node: str(body["path"]) for node, body in bodies.items()},

@@ -21,8 +21,9 @@ APT_PACKAGES=(
     python3-venv python3-dev gcc
     # Image staging: build, check and mount SquashFS images; unpack tarballs
     squashfs-tools squashfuse fuse3 zstd tar gzip
-    # Network namespaces (ip netns, veth) for the multi-host tests
-    iproute2
+    # Network namespaces (ip netns, veth) for the multi-host tests, and
+    # nftables for packet loss on emulated links (this kernel has no netem)
+    iproute2 nftables
     # The cluster benchmark's reference methods: HTTP pull and a relay chain
     curl netcat-openbsd
     # ... and BitTorrent: aria2c peers and a tracker
