@@ -49,7 +49,6 @@ from typing import Any
 from bench.ceph_origin import CephOrigin
 from p2pcast import control
 from p2pcast.auth import write_secret_file
-from p2pcast.errors import DaemonUnavailable
 from tools.cluster import Cluster, netns_pids
 
 #: How often the kill watcher looks at the victim's progress (s).
@@ -402,17 +401,11 @@ def _control(work: Path, node: str) -> str:
 async def _ready(setup: Setup, procs: dict[str, subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     for node, proc in procs.items():
-        while True:
-            if proc.poll() is not None:
-                log = (setup.work / node / "daemon.log").read_text()[-2000:]
-                raise DaemonUnavailable(f"daemon {node} exited: {log}")
-            try:
-                await control.request(_control(setup.work, node), "ping")
-                break
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+        log = setup.work / node / "daemon.log"
+        await control.wait_ready(
+            _control(setup.work, node), proc.poll, log, deadline,
+            f"daemon {node}",
+        )  # fmt: skip
 
 
 def _p2pcast_progress(sock: str) -> Callable[[], float | None]:

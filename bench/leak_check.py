@@ -47,7 +47,6 @@ from typing import Any
 from p2pcast import control
 from p2pcast.auth import write_secret_file
 from p2pcast.demo import free_port
-from p2pcast.errors import DaemonUnavailable
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
 from p2pcast.publish import push
@@ -249,16 +248,9 @@ class Daemons:
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         for name in NODES:
-            while True:
-                if self.procs[name].poll() is not None:
-                    raise DaemonUnavailable(f"daemon {name} exited: {self.log_tail(name)}")
-                try:
-                    await control.request(self.control(name), "ping")
-                    break
-                except DaemonUnavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.05)
+            proc = self.procs[name]
+            log = self.dir(name) / "daemon.log"
+            await control.wait_ready(self.control(name), proc.poll, log, deadline, f"daemon {name}")
 
     def log_tail(self, name: str) -> str:
         try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from p2pcast import errors, limits
@@ -22,6 +24,10 @@ REQUEST = 1
 PROGRESS = 2
 RESULT = 3
 ERROR = 4
+
+#: How often a starting daemon's control socket is tried (s): it opens within
+#: a fraction of a second.
+READY_POLL = 0.05
 
 #: Default path of the control socket of a system daemon.
 DEFAULT_SOCKET = "/run/p2pcast/control.sock"
@@ -106,6 +112,28 @@ async def request(path: str, op: str, **args: Any) -> dict[str, Any]:
         if kind == RESULT:
             return body
     raise DaemonUnavailable("no result from the daemon")
+
+
+async def wait_ready(
+    path: str, poll: Callable[[], int | None], log: Path, deadline: float, name: str = "daemon"
+) -> None:
+    """Wait until a daemon we just started answers `ping` on PATH, until DEADLINE
+    (time.monotonic()); if it exits first (POLL, its Popen.poll, says so), raise
+    with the tail of its LOG."""
+    while True:
+        if poll() is not None:
+            try:
+                tail = log.read_text()[-2000:]
+            except OSError as exc:
+                tail = f"(no log {log}: {exc.strerror})"
+            raise DaemonUnavailable(f"{name} exited: {tail}")
+        try:
+            await request(path, "ping")
+            return
+        except DaemonUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(READY_POLL)
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 from p2pcast import control, manifest
 from p2pcast.auth import write_secret_file
 from p2pcast.cli import Progress, human, run
-from p2pcast.errors import ConfigError, DaemonUnavailable, ImageDigestMismatch, StageError
+from p2pcast.errors import ConfigError, ImageDigestMismatch, StageError
 from p2pcast.hashing import file_sha256
 from p2pcast.names import ImageRef
 from p2pcast.origins.base import OriginConfig, open_origin
@@ -142,17 +142,9 @@ class DemoCluster:
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         for name in self.names:
-            while True:
-                if self.procs[name].poll() is not None:
-                    log = (self.work / "nodes" / name / "daemon.log").read_text()[-2000:]
-                    raise DaemonUnavailable(f"daemon {name} exited: {log}")
-                try:
-                    await control.request(self.control(name), "ping")
-                    break
-                except DaemonUnavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.05)
+            proc = self.procs[name]
+            log = self.work / "nodes" / name / "daemon.log"
+            await control.wait_ready(self.control(name), proc.poll, log, deadline, f"daemon {name}")
 
     def stop(self) -> None:
         for proc in self.procs.values():

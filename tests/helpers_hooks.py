@@ -19,7 +19,6 @@ from typing import Any
 from p2pcast import control
 from p2pcast.auth import write_secret_file
 from p2pcast.demo import free_port
-from p2pcast.errors import DaemonUnavailable
 from p2pcast.stage import unstage_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,18 +75,11 @@ class Nodes:
             self.start(name)
 
     async def _wait_ready(self, name: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.procs[name].poll() is not None:
-                log = (self.dir(name) / "daemon.log").read_text()[-2000:]
-                raise DaemonUnavailable(f"daemon {name} exited: {log}")
-            try:
-                await control.request(self.control(name), "ping")
-                return
-            except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+        proc = self.procs[name]
+        await control.wait_ready(
+            self.control(name), proc.poll, self.dir(name) / "daemon.log",
+            time.monotonic() + START_TIMEOUT, f"daemon {name}",
+        )  # fmt: skip
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
