@@ -56,6 +56,11 @@ MAX_NAME = 8  # "<name>-origin" must fit IFNAMSIZ (15 characters)
 NS_IFACE = "eth0"  # a host's end of its veth pair, inside its namespace
 KILL_GRACE_S = 5.0
 HTB_QUANTUM = 65536  # only has to exceed the largest (GSO) packet
+#: Seconds `restore` waits for a veth to be up and forwarding again (the kernel
+#: reports carrier changes within about a second).
+RESTORE_TIMEOUT = 3.0
+#: /sys/class/net/PORT/brport/state of a bridge port that forwards (BR_STATE_FORWARDING).
+BR_FORWARDING = "3"
 #: The small-packet (ACK) class is assured rate / this (see _shaping).
 ACK_SHARE_DIVISOR = 20
 #: Its queue: small packets only, so a packet count, not bytes.
@@ -679,9 +684,22 @@ class Cluster:
         _batch("ip", [f"link set {self.host(node).veth} down"])
 
     def restore(self, node: str) -> None:
-        """Undo `cut`. The bridge has no STP, so the port forwards again at once."""
+        """Undo `cut`, and return once the link carries packets again. The bridge has
+        no STP, but the kernel reports a veth's carrier asynchronously (link-watch
+        events can wait up to a second): until the port is up and forwarding, a
+        packet still goes nowhere."""
         require_privileges()
-        _batch("ip", [f"link set {self.host(node).veth} up"])
+        veth = self.host(node).veth
+        _batch("ip", [f"link set {veth} up"])
+        sysfs = Path("/sys/class/net") / veth
+        deadline = time.monotonic() + RESTORE_TIMEOUT
+        while not (
+            (sysfs / "operstate").read_text().strip() == "up"
+            and (sysfs / "brport" / "state").read_text().strip() == BR_FORWARDING
+        ):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{veth} is not forwarding {RESTORE_TIMEOUT:g} s after up")
+            time.sleep(0.01)
 
     def set_loss(self, node: str, percent: float) -> None:
         """Lose PERCENT of the packets on NODE's link, each direction on its own, at
