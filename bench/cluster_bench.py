@@ -42,8 +42,13 @@ node is always the node of rank N//2 (n2 of 2 or 3, n3 of 4 or 5, ...):
 - ``loss``: LOSS_PERCENT of the packets on that node's link are dropped, each
   way, for the whole run (nftables on the receiving ends: this kernel has no
   netem); it must finish too.
-  These three are run for p2pcast only (the others have no progress watcher
-  for them yet).
+- ``corrupt``: that node runs bench/lying_daemon.py, a p2pcast daemon with the
+  cluster's credentials that flips one byte in every 4th chunk it serves; the
+  others must catch each lie by hash, ban the liar and fetch the chunk again.
+  The record counts the lies (the liar's log) and which nodes banned it (their
+  RESULT's dead_peers); the liar itself must finish too (it downloads honestly).
+  partition, origin-outage and corrupt are run for p2pcast only (the others have
+  no progress watcher for the first two yet, and no lying variant).
 
 For these the other nodes' first/median/last times are reported apart from the
 faulty node's own (the straggler's time, or when the kill came), and the others'
@@ -97,10 +102,11 @@ HTTP_PORT = 8080
 IMAGE_REF = ImageRef("bench", "latest")
 DEFAULT_NAME = "cbench"
 DEFAULT_SUBNET = "198.18.9.0/24"
-SCENARIOS = ("fault-free", "straggler", "kill", "partition", "origin-outage", "loss")
+SCENARIOS = ("fault-free", "straggler", "kill", "partition", "origin-outage", "loss", "corrupt")
 #: Scenarios whose fault only p2pcast's runner carries out (a progress watcher
-#: that cuts a link); the other methods are not run in them.
+#: that cuts a link, a lying daemon); the other methods are not run in them.
 OUTAGE_SCENARIOS = ("partition", "origin-outage")
+P2PCAST_ONLY_SCENARIOS = (*OUTAGE_SCENARIOS, "corrupt")
 #: partition, origin-outage: how long the link stays cut (s). Longer than TCP's
 #: first retransmission timeouts (0.2, 0.4, 0.8, 1.6 s), short of giving up.
 OUTAGE_S = 5.0
@@ -211,7 +217,7 @@ def split_faulty(
     done = sorted(seconds[node] for node in others if ok.get(node) and node in seconds)
     complete = len(done) == len(others)
     # The faulty node must finish too, unless it was killed (or is the origin).
-    must_finish = scenario in ("straggler", "partition", "loss")
+    must_finish = scenario in ("straggler", "partition", "loss", "corrupt")
     own = seconds.get(faulty) if must_finish and ok.get(faulty) else None
 
     def r(v: float | None) -> float | None:
@@ -326,6 +332,8 @@ def fault_fields(
         fields |= run.extra.get("outage", {})
     if fault.scenario == "loss":
         fields["loss_percent"] = LOSS_PERCENT
+    if fault.scenario == "corrupt":
+        fields |= run.extra.get("corrupt", {})
     if fault_free is not None:
         last = fields["others_last_seconds"]
         fields["fault_free_last_seconds"] = fault_free
@@ -395,8 +403,8 @@ def run_n(
                 _wait_port(origin_ip, HTTP_PORT)
             for repeat in range(args.repeat):
                 for method in args.methods:
-                    if scenario in OUTAGE_SCENARIOS and method != "p2pcast":
-                        continue  # only p2pcast's runner has the outage watcher yet
+                    if scenario in P2PCAST_ONLY_SCENARIOS and method != "p2pcast":
+                        continue  # only p2pcast's runner has these faults yet
                     mwork = work / "runs" / f"{method}-n{n}{tag}-r{repeat}"
                     mwork.mkdir(parents=True)
                     setup = cm.Setup(
@@ -679,7 +687,8 @@ def _parser() -> argparse.ArgumentParser:
         help="comma list of fault-free, straggler (node of rank N//2 at a quarter of --rate), "
         "kill (that node SIGKILLed at 50%% of its progress), partition (its link cut 5 s at "
         "50%%), origin-outage (the origin's link cut 5 s at 30%%), loss (2%% loss on its "
-        "link); default %(default)s",
+        "link), corrupt (that node's daemon flips a byte in every 4th chunk it serves); "
+        "default %(default)s",
     )  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="bench/results/cluster.json")

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ceph_origin import CephOrigin
+from bench.lying_daemon import LIE_MARK
 from p2pcast import control
 from p2pcast.auth import write_secret_file
 from tools.cluster import Cluster, netns_pids
@@ -57,6 +58,9 @@ KILL_POLL = 0.05
 #: Ports inside the namespaces (each namespace has its own port space).
 P2PCAST_PORT = 7086
 CHAIN_PORT = 9000
+
+#: This checkout, for what runs from it uninstalled (bench.lying_daemon).
+REPO = str(Path(__file__).resolve().parent.parent)
 
 #: Seconds for daemons to answer their control sockets / a chain hop to listen.
 START_TIMEOUT = 30.0
@@ -122,6 +126,11 @@ class Setup:
     def victim(self) -> str | None:
         """The node to kill, if this run kills one."""
         return self.fault.node if self.fault and self.fault.scenario == "kill" else None
+
+    @property
+    def liar(self) -> str | None:
+        """The node whose daemon corrupts chunks it serves, if this run has one."""
+        return self.fault.node if self.fault and self.fault.scenario == "corrupt" else None
 
     @property
     def outage(self) -> Fault | None:
@@ -471,14 +480,20 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
         for node, address in cluster.addresses.items():
             state = setup.work / node
             state.mkdir(parents=True, exist_ok=True)
+            # The corrupt scenario's faulty node runs the lying daemon instead.
+            lies = setup.liar == node
+            program = ["-m", "bench.lying_daemon"] if lies else ["-m", "p2pcast", "daemon"]
             argv = [
-                sys.executable, "-m", "p2pcast", "daemon",
+                sys.executable, *program,
                 "--node", node, "--listen", address, "--port", str(P2PCAST_PORT),
                 "--state-dir", str(state), "--control", _control(setup.work, node),
                 "--origin", setup.origin_url, "--loop", loop,
                 "--auth", "secret", "--secret-file", str(write_secret_file(setup.work / "secret")),
             ] + (["--verbose"] if setup.verbose else [])  # fmt: skip
             env = os.environ | (setup.ceph.daemon_env() if setup.ceph is not None else {})
+            if lies:  # bench/ is not installed: run it from this checkout
+                paths = [REPO, env.get("PYTHONPATH", "")]
+                env = env | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
             with open(state / "daemon.log", "wb") as log:
                 procs[node] = cluster.popen(
                     node, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -540,6 +555,8 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
         extra |= {"incomplete": incomplete, "kill": killer.record()}
     elif killer is not None:
         extra["outage"] = killer.record()
+    if setup.liar is not None:
+        extra["corrupt"] = _lies(setup.work / setup.liar / "daemon.log", setup.liar, bodies)
     return MethodRun(
         seconds=seen,
         paths={node: str(body["path"]) for node, body in bodies.items()},
@@ -547,6 +564,17 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
         origin_bytes=sum(int(b["origin_bytes_read"]) for b in bodies.values()),
         extra=extra,
     )
+
+
+def _lies(log: Path, liar: str, bodies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the lying daemon did and who caught it: the lies it logged, and the
+    nodes that ended with it among their dead (banned) peers."""
+    try:
+        told = log.read_text(errors="replace").count(LIE_MARK)
+    except OSError:
+        told = 0
+    banned_by = [n for n, body in bodies.items() if liar in (body.get("dead_peers") or [])]
+    return {"lies": told, "banned_by": sorted(banned_by, key=lambda s: int(s[1:]))}
 
 
 # ---- http ---------------------------------------------------------------------------

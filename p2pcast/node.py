@@ -88,6 +88,14 @@ CONNECT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 #: declared dead and its share of the origin reads is taken over (s).
 RECONNECT_WINDOW = 3.0
 
+#: A link that closes within this many seconds of coming up, without breaking
+#: the protocol (a peer that authenticates and hangs up, a daemon restarting
+#: in a loop), is reconnected only after the next CONNECT_BACKOFF step, and the
+#: steps grow while it keeps doing so: reconnecting at once made a tight loop
+#: of handshakes, at most one a second now. A link that lived longer than this
+#: was working, and its loss is retried at once.
+STABLE_LINK = 5.0
+
 #: Reject reason meaning "I serve enough peers right now; ask someone else".
 BUSY = "busy"
 
@@ -690,6 +698,7 @@ class Broadcast:
     async def _keep_link(self, rank: int, peer: Peer) -> None:
         """Keep a downstream link to one peer; declare it dead if it stays away."""
         attempt = 0
+        flaps = 0  # links in a row that closed within STABLE_LINK of coming up
         give_up = self.loop.time() + self.options.peer_timeout
         while True:
             try:
@@ -718,10 +727,16 @@ class Broadcast:
             self.wakeup.set()
             if self.state == "complete":
                 link.send(link.conn.done(self.image_id))
+            up_since = self.loop.time()
             while not link.closed:
                 await link.lost.wait()
             if self.swarm.peers[rank].banned:
                 return
+            if self.loop.time() - up_since < STABLE_LINK:
+                await asyncio.sleep(CONNECT_BACKOFF[min(flaps, len(CONNECT_BACKOFF) - 1)])
+                flaps += 1
+            else:
+                flaps = 0
             give_up = self.loop.time() + RECONNECT_WINDOW
 
     def link_lost(self, link: PeerLink, error: P2PCastError | None) -> None:

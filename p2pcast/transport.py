@@ -75,6 +75,23 @@ READ_SIZE = 64 * 1024
 #: a silent client would otherwise hold a link and two tasks for ever.
 HANDSHAKE_TIMEOUT = 10.0
 
+#: A chunk body that has started must keep arriving: a peer that sent part of
+#: one and then nothing for this long (s) holds a link and a 1-16 MiB buffer
+#: for a chunk the swarm has meanwhile asked elsewhere, so the link is closed
+#: (not banned: a stopped process or a long network fault looks the same, and
+#: the peer may come back). Far above any chunk time on a working link (1 MiB
+#: takes 0.17 s at 50 Mbit/s) and above the 5 s outages the cluster benchmark
+#: puts links through; an idle link between chunks is not timed.
+BODY_STALL_TIMEOUT = 30.0
+
+#: TCP keep-alive on every link: (idle s, probe interval s, probes). A link
+#: may be idle for long (a finished node keeps serving), and the protocol has
+#: no keep-alive of its own; without these a peer whose host lost power or its
+#: network leaves a link that looks open for ever (Linux's default waits 2 h
+#: before the first probe). With them it is closed after about 90 s of
+#: silence (60 + 3 x 10), as a lost link, and the peer is tried again.
+KEEPALIVE = (60, 10, 3)
+
 #: Socket buffer size asked for on each link (None: the kernel's autotuning).
 #: Fixed 4 MiB buffers hold about one chunk in flight per direction. Measured
 #: here with 8 daemons on 2 cores (256 MiB, 7 links each): autotuning cost
@@ -194,6 +211,11 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         except OSError:
             pass  # an old kernel: the send-queue check in PeerLink.serving still holds
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, count = KEEPALIVE
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
     if SOCKET_BUFFER is None:
         return
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -290,6 +312,10 @@ class PeerLink:
         self.lost = asyncio.Event()
         #: images whose Bitfield we sent on this link (Have may follow only then)
         self.bitfield_sent: set[bytes] = set()
+        #: bytes received so far, and their count when the stall check last ran
+        self.rx_bytes = 0
+        self._rx_checked = 0
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<PeerLink {self.role.name.lower()} {self.peer_node or self.address}>"
@@ -303,6 +329,30 @@ class PeerLink:
             asyncio.create_task(self._write_loop(), name=f"write {self.address}"),
         ]
         self.wake.set()
+        self._stall_timer = asyncio.get_running_loop().call_later(
+            BODY_STALL_TIMEOUT, self._check_stall
+        )
+
+    def _check_stall(self) -> None:
+        """Close the link if a chunk body is half received and nothing came
+        since the last check (one timer per link, every BODY_STALL_TIMEOUT)."""
+        if self.closed:
+            return
+        if self.conn.body_remaining and self.rx_bytes == self._rx_checked:
+            who = self.peer_node or self.address
+            error = PeerError(
+                f"{who} stalled mid-chunk: nothing for {BODY_STALL_TIMEOUT:g} s "
+                f"with {self.conn.body_remaining} body bytes due"
+            )
+            # Only links we opened receive bodies, and those are not logged by
+            # _report_close (the node says "link lost" at info): a stall is worth more.
+            self._log(logging.WARNING, "closing link to %s: %s", who, error)
+            self.abort(error)
+            return
+        self._rx_checked = self.rx_bytes
+        self._stall_timer = asyncio.get_running_loop().call_later(
+            BODY_STALL_TIMEOUT, self._check_stall
+        )
 
     async def ready(self, timeout: float) -> None:
         """Wait for the peer's Hello."""
@@ -318,6 +368,8 @@ class PeerLink:
             return
         self.closed = True
         self.lost.set()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
         if not self.hello.done():
             self.hello.set_exception(error or PeerError("link closed before handshake"))
             self.hello.exception()  # mark retrieved: the waiter may be gone
@@ -505,6 +557,7 @@ class PeerLink:
         try:
             while True:
                 data = await loop.sock_recv(self.sock, READ_SIZE)
+                self.rx_bytes += len(data)
                 self.conn.receive_data(data)
                 if await self._drain_events(loop) or not data:
                     break
@@ -589,6 +642,7 @@ class PeerLink:
                         self.conn.next_event()
                         raise ProtocolError("connection closed mid-body")  # not reached
                     self.conn.body_received(n)
+                    self.rx_bytes += n
                     got += n
                 continue
             elif isinstance(event, ChunkHeaderReceived):

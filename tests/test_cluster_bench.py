@@ -378,20 +378,21 @@ def test_cluster_bench_ceph_origin(tmp_path: Path, ceph: Any) -> None:
 
 def test_cluster_bench_network_faults(tmp_path: Path) -> None:
     """N=4, p2pcast: n3's link cut for 5 s at half its progress, the origin cut for
-    5 s at 30 %, 2 % loss on n3's link; every node ends verified each time."""
+    5 s at 30 %, 2 % loss on n3's link, n3's daemon lying (a flipped byte in every
+    4th chunk it serves); every node ends verified each time."""
     if shutil.which("nft") is None and not os.access("/usr/sbin/nft", os.X_OK):
         pytest.skip("needs nft (apt-get install nftables)")
     name = f"cn{os.getpid() % 100000}"
     argv = [
         "--nodes", "4", "--rate", "200mbit", "--size", "16M", "--chunk-size", "1M",
-        "--methods", "p2pcast", "--scenarios", "fault-free,partition,origin-outage,loss",
+        "--methods", "p2pcast", "--scenarios", "fault-free,partition,origin-outage,loss,corrupt",
         "--timeout", "40",
     ]  # fmt: skip
     rc, result = _run(tmp_path, name, "198.19.252.0/24", argv)
     assert rc == 0, [(r["scenario"], r.get("ok"), r.get("error")) for r in result["runs"]]
     runs = {r["scenario"]: r for r in result["runs"]}
-    assert list(runs) == ["fault-free", "partition", "origin-outage", "loss"]
-    for scenario in ("partition", "origin-outage", "loss"):
+    assert list(runs) == ["fault-free", "partition", "origin-outage", "loss", "corrupt"]
+    for scenario in ("partition", "origin-outage", "loss", "corrupt"):
         r = runs[scenario]
         assert r["ok"] and r["verified"] == 4, r
         assert r["fault_free_last_seconds"] == runs["fault-free"]["last_seconds"]
@@ -404,5 +405,13 @@ def test_cluster_bench_network_faults(tmp_path: Path) -> None:
     assert outage["faulty_node"] == "origin" and outage["others_total"] == 4
     assert outage["cut_progress"] >= 0.3 and outage["restored_at_seconds"] is not None
     assert runs["loss"]["loss_percent"] == 2.0 and runs["loss"]["faulty_seconds"] is not None
+    # The liar was caught: it told lies, those it lied to banned it (and only it:
+    # nobody else is among their dead peers), and it finished with a good copy itself.
+    lying = runs["corrupt"]
+    assert lying["faulty_node"] == "n3" and lying["faulty_seconds"] is not None
+    assert 1 <= len(lying["banned_by"]) <= lying["lies"], lying
+    assert "n3" not in lying["banned_by"]
+    for node, fields in lying["per_node"].items():
+        assert fields["dead_peers"] == (["n3"] if node in lying["banned_by"] else []), node
     assert not any(ns.startswith(f"{name}-") for ns in _namespaces())
     assert not cl.state_path(name).exists()

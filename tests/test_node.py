@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from p2pcast.errors import PeersUnreachable
 from p2pcast.names import ImageRef
 from p2pcast.node import CANCELLED, Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.directory import DirectoryOrigin
-from p2pcast.protocol import ChunkRequested, Event, FileSlice, RequestRejected
+from p2pcast.protocol import ChunkRequested, Event, FileSlice, RequestRejected, Subscribed
 from p2pcast.publish import push
 from p2pcast.swarm import CancelRequest, ReadOrigin, RequestChunk, SwarmConfig
 from p2pcast.transport import PeerLink
@@ -183,6 +184,18 @@ def test_garbage_link_is_counted_as_bad(tmp_path: Path, published: Published) ->
     run_on("asyncio", main())
 
 
+async def swap_service(
+    cluster: Cluster, rank: int, service_class: type[PeerService], name: str
+) -> None:
+    """Put a SERVICE_CLASS named NAME in place of node RANK's honest service (same
+    cache and credential), before any broadcast starts."""
+    honest = cluster.nodes[rank].service
+    await honest.close()
+    service = service_class(name, HOST, 0, honest.cache, auth=honest.auth)
+    service.start()
+    cluster.nodes[rank].service = service
+
+
 class LyingService(PeerService):
     """Announces honestly but serves random bytes in place of every chunk."""
 
@@ -221,14 +234,9 @@ def test_lying_peer_is_banned_and_images_stay_correct(
         Liar.garbage_fd = fd
         try:
             async with running(tmp_path, published, 4) as cluster:
-                # Swap the liar's service in place of an honest one.
-                honest = cluster.nodes[liar_rank].service
-                await honest.close()
-                liar = Liar("liar", HOST, 0, honest.cache, auth=honest.auth)
-                liar.start()
-                cluster.nodes[liar_rank].service = liar
-                # A banned owner's chunks are only re-read after stall_timeout
-                # (see test_swarm's banned-owner xfail): shorten it.
+                await swap_service(cluster, liar_rank, Liar, "liar")
+                # A node that has not caught the liar yet still waits on it for
+                # the liar's own chunks; the stall fallback ends that: shorten it.
                 options = BroadcastOptions(swarm=SwarmConfig(stall_timeout=0.3))
                 broadcasts = await cluster.broadcast(published, options)
                 assert Liar.lies > 0
@@ -244,6 +252,56 @@ def test_lying_peer_is_banned_and_images_stay_correct(
             os.close(fd)
 
     run_on("uvloop", main())
+
+
+class HangUpService(PeerService):
+    """Authenticates every downstream, then says a clean Goodbye as soon as it
+    subscribes: a faulty peer that breaks no rule of the protocol."""
+
+    accepted: list[float] = []
+    closing: set[asyncio.Task[None]] = set()
+
+    def _serve(self, link: PeerLink, event: Event) -> None:
+        if isinstance(event, Subscribed):
+            type(self).accepted.append(time.monotonic())
+            task = asyncio.create_task(link.close())
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+            return
+        super()._serve(link, event)
+
+
+def test_a_peer_that_keeps_hanging_up_is_not_reconnected_in_a_tight_loop(
+    tmp_path: Path, published: Published
+) -> None:
+    """Regression: a link closed cleanly right after the handshake was reconnected
+    at once, every time (a handshake loop as fast as the CPU allows). Now the
+    reconnections back off (node.STABLE_LINK, CONNECT_BACKOFF), and the broadcast
+    still completes on the other nodes, the hang-up's chunks read after the stall."""
+    hangup_rank = 2
+
+    async def main() -> tuple[float, int]:
+        async with running(tmp_path, published, 3) as cluster:
+            await swap_service(cluster, hangup_rank, HangUpService, "hangup")
+            HangUpService.accepted.clear()
+            options = BroadcastOptions(swarm=SwarmConfig(stall_timeout=1.0))
+            t0 = time.monotonic()
+            started = cluster.start_broadcasts(published, options)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await asyncio.gather(*(b.run() for b in started[:hangup_rank]))
+            seconds = time.monotonic() - t0
+            accepted = sum(1 for t in HangUpService.accepted if t <= t0 + seconds)
+            for rank in range(hangup_rank):
+                path = cluster.nodes[rank].service.cache.image_path(published.manifest.image_id)
+                assert sha256_of(path) == published.sha256
+            return seconds, accepted
+
+    seconds, accepted = run_on("uvloop", main())
+    # Two downstreams, each: one link, then one per back-off step (0.05, 0.1, 0.2,
+    # 0.5, then 1 s each) plus the handshake's time. Reconnecting at once made
+    # hundreds in the same time.
+    steps = 5 + max(0.0, seconds - 0.85)
+    assert 2 <= accepted <= 2 * (1 + steps), (accepted, seconds)
 
 
 def test_unreachable_peers_fail_the_broadcast_with_their_names(
