@@ -31,6 +31,7 @@ from p2pcast.errors import (
     NotPermitted,
     P2PCastError,
     ProtocolError,
+    StoreError,
     UserError,
 )
 from p2pcast.jobstage import JobStaging, StagedEntry
@@ -389,7 +390,15 @@ class Daemon:
             progress = broadcast.progress()
         except P2PCastError as exc:
             log.warning("job %s: cannot provide %s: %s", job, text, exc)
-            await staging.fail(job, text, str(exc))
+            try:
+                await staging.fail(job, text, str(exc))
+            except P2PCastError as unrecorded:
+                # A full run directory fails the staging and then the record
+                # that would say so: the job's steps fail without a record
+                # ("no staging record"), and the node is at fault (it cannot
+                # keep records), but the Prolog's message keeps the first cause.
+                log.error("job %s: %s", job, unrecorded)
+                raise StoreError(f"{exc}; and {unrecorded}") from exc
             raise
         return {
             **progress,
