@@ -22,6 +22,7 @@ from p2pcast import manifest as manifest_mod
 from p2pcast.errors import BadHostlist, ConfigError, DaemonUnavailable, P2PCastError
 from p2pcast.names import ImageRef, default_name_for, parse_image_ref
 from p2pcast.origins.base import OriginConfig, names_image, split_image_url
+from p2pcast.sizes import human
 
 LOOPS = ("uvloop", "asyncio")
 
@@ -44,14 +45,6 @@ def parse_size(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
     return int(number * units[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 class Progress:

@@ -27,6 +27,7 @@ from p2pcast import control, hostlists, jobspec
 from p2pcast import manifest as manifest_mod
 from p2pcast.errors import (
     ConfigError,
+    ImageTooLarge,
     InternalError,
     NotPermitted,
     P2PCastError,
@@ -37,8 +38,9 @@ from p2pcast.errors import (
 from p2pcast.jobstage import JobStaging, StagedEntry
 from p2pcast.node import Broadcast, BroadcastOptions, Peer, PeerService
 from p2pcast.origins.base import Origin, OriginConfig, open_origin, split_image_url
+from p2pcast.sizes import human
 from p2pcast.stage.untar import TAR_TYPES
-from p2pcast.store import NodeCache
+from p2pcast.store import NodeCache, space_needed
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +368,8 @@ class Daemon:
             broadcast = await self.fetch({**fetch_body, "image": str(image), "job": job})
             progress = broadcast.progress()
             image_type = str(progress["image_type"])
+            if image_type in TAR_TYPES:
+                _check_staging_room(staging.staged_dir, str(image), int(progress["size"]))
 
             def stage_it(growing: bool) -> Coroutine[Any, Any, StagedEntry]:
                 return staging.stage(
@@ -487,6 +491,7 @@ class Daemon:
             return existing  # running or seeding: join it
         if existing is not None:
             await existing.stop()
+        await self._make_room(manifest_bytes, image_id)
         broadcast = Broadcast(
             self.service,
             manifest_bytes,
@@ -513,15 +518,75 @@ class Daemon:
             await broadcast.stop()
             self.failed[broadcast.image_id] = broadcast.progress()
 
-    async def gc(self) -> list[dict[str, Any]]:
-        """Drop complete images that no broadcast is fetching."""
+    def _busy_image_ids(self) -> set[str]:
+        """Images that must stay in the cache: being fetched, or staged for a
+        running job (a SquashFS is mounted from the cached file)."""
         busy = {b.image_id.hex() for b in self.service.broadcasts.values() if b.state != "complete"}
         if self.staging is not None:
-            busy |= self.staging.busy_image_ids()  # mounted or unpacked for a running job
+            busy |= self.staging.busy_image_ids()
+        return busy
+
+    async def _make_room(self, manifest_bytes: bytes, image_id: bytes) -> None:
+        """Before an image is fetched: refuse one that this node's cache could not
+        hold even empty (the request is at fault, not the node: no drain), and
+        remove complete images nobody uses, least recently used first, until the
+        new one fits. Without this the cache only grew, until every new image
+        failed on a full disk and the node drained itself."""
+        if self.cache.is_complete(image_id):
+            return
+        manifest = manifest_mod.decode(manifest_bytes)
+        need = space_needed(manifest)
+        free, total = self.cache.space()
+        if need > total:
+            raise ImageTooLarge(
+                f"image {manifest.name} needs {human(need)} of cache space, more than this"
+                f" node's cache ({self.cache.root}) has in all ({human(total)})"
+            )
+        need -= self.cache.held_bytes(image_id)  # a partial copy resumed keeps its space
+        if need <= free:
+            return
+        for entry in self.cache.least_recently_used(self._busy_image_ids() | {image_id.hex()}):
+            old = bytes.fromhex(entry.image_id)
+            seeding = self.service.broadcasts.get(old)
+            if seeding is not None:
+                await seeding.stop()  # closes its files: their blocks are freed only then
+            self.cache.discard(old)
+            free, _ = self.cache.space()
+            log.warning(
+                "cache full: removed %s (%s, %s) to make room for %s (%s); %s free now",
+                entry.name, entry.image_id[:12], human(entry.size),
+                manifest.name, human(need), human(free),
+            )  # fmt: skip
+            if need <= free:
+                return
+        # Still short: what fills the disk is not a cached image nobody uses. The
+        # cache's open fails with a StoreError that says so (a node fault).
+
+    async def gc(self) -> list[dict[str, Any]]:
+        """Drop complete images that no broadcast is fetching."""
+        busy = self._busy_image_ids()
         for broadcast in list(self.service.broadcasts.values()):
             if broadcast.state == "complete":
                 await broadcast.stop()
         return [e.to_dict() for e in self.cache.gc(busy)]
+
+
+def _check_staging_room(staged_dir: Path, name: str, size: int) -> None:
+    """A tar unpacks to at least its own size (its members' bytes, page-rounded
+    on tmpfs): one larger than the whole staging filesystem can never be staged
+    here, and that is the image's fault, not the node's (a node fault would
+    drain every node of the allocation). A staging area that is merely full
+    fails later, while unpacking, as a node fault."""
+    try:
+        st = os.statvfs(staged_dir if staged_dir.exists() else staged_dir.parent)
+    except OSError:
+        return  # the staging itself reports a missing or broken directory
+    total = st.f_blocks * st.f_frsize
+    if size > total:
+        raise ImageTooLarge(
+            f"image {name} unpacks to at least {human(size)}, more than this node's"
+            f" staging area ({staged_dir}) has in all ({human(total)})"
+        )
 
 
 def _control_dir(path: Path) -> None:

@@ -32,12 +32,13 @@ from typing import Any
 
 from p2pcast import control, manifest
 from p2pcast.auth import write_secret_file
-from p2pcast.cli import Progress, human, run
+from p2pcast.cli import Progress, run
 from p2pcast.errors import ConfigError, ImageDigestMismatch, StageError
 from p2pcast.hashing import file_sha256
 from p2pcast.names import ImageRef
 from p2pcast.origins.base import OriginConfig, open_origin
 from p2pcast.publish import push
+from p2pcast.sizes import human
 
 #: How long daemons get to start answering on their control sockets (s).
 DAEMON_START_TIMEOUT = 20.0

@@ -68,6 +68,11 @@ class BadImageFile(UserError):
     pass
 
 
+class ImageTooLarge(UserError):
+    """The image cannot fit in this node's cache or staging area even when
+    empty: the request, not the node, is at fault (no node would drain for it)."""
+
+
 class BadMountSpec(UserError):
     pass
 

@@ -215,10 +215,11 @@ def hook_exit_status(exc: P2PCastError) -> int:
     """0 unless the node itself is broken: a non-zero Prolog drains the node.
 
     User errors (bad or unknown image, bad --ch-mount, a mount point the image
-    lacks), remote failures (origin down, peers unreachable) and integrity
-    failures (a chunk rotted at the origin) are not this node's fault: the
-    error goes into the job record and the job's steps fail with it. Draining
-    for them would take down every node of the allocation, or the cluster.
+    lacks, an image larger than the node's whole cache or staging area),
+    remote failures (origin down, peers unreachable) and integrity failures
+    (a chunk rotted at the origin) are not this node's fault: the error goes
+    into the job record and the job's steps fail with it. Draining for them
+    would take down every node of the allocation, or the cluster.
     Node faults: no daemon answers (DaemonUnavailable), the cache disk fails
     (StoreError), staging fails for a local reason (StageError: no loop
     device, run directory full), or p2pcast has a bug (InternalError).

@@ -57,6 +57,17 @@ HASH_READ_SIZE = 8 * 1024 * 1024
 PARTIAL_MAX_AGE = 24 * 3600.0
 
 
+#: Room asked beyond an image's own two files when the daemon makes room for it
+#: (bytes): its manifest and markers, and the filesystem's own blocks.
+ROOM_SLACK = 1024 * 1024
+
+
+def space_needed(manifest: Manifest) -> int:
+    """Bytes the cache reserves for an image: its file and its compressed chunks."""
+    stored = sum(c.stored_size for c in manifest.chunks() if c.codec is not Codec.RAW)
+    return manifest.size + stored + ROOM_SLACK
+
+
 def _store_error(action: str, path: Path, exc: OSError) -> StoreError:
     if exc.errno == errno.ENOSPC:
         return StoreError(f"no space left on device while {action} {path}")
@@ -277,6 +288,7 @@ class NodeCache:
         image_id = manifest_mod.image_id_of(manifest_bytes)
         directory = self._dir(image_id)
         if self.is_complete(image_id):
+            self.touch(image_id)
             return ImageFile(directory, manifest, complete=True)
         if self._resumable(directory, manifest_bytes):
             # A partial copy from an earlier run: kept, but none of its bytes
@@ -311,6 +323,44 @@ class NodeCache:
             )
         except OSError:
             return False
+
+    def space(self) -> tuple[int, int]:
+        """(free, total) bytes of the filesystem holding the cache."""
+        try:
+            st = os.statvfs(self.images)
+        except OSError as exc:
+            raise _store_error("measuring", self.images, exc) from exc
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def held_bytes(self, image_id: bytes) -> int:
+        """Bytes a partial copy of the image already holds (a resume keeps them)."""
+        held = 0
+        for name in ("image", "stored"):
+            try:
+                held += (self._dir(image_id) / name).stat().st_blocks * 512
+            except OSError:
+                pass
+        return held
+
+    def touch(self, image_id: bytes) -> None:
+        """Mark a complete image used now: room is made by removing the images
+        used least recently (the mtime of their ``complete`` marker)."""
+        try:
+            os.utime(self._dir(image_id) / "complete")
+        except OSError:
+            pass  # a read-only or vanished entry: its age only orders eviction
+
+    def least_recently_used(self, keep: set[str]) -> list[CacheEntry]:
+        """Complete images not in ``keep`` (ids in hex), least recently used first."""
+
+        def last_used(entry: CacheEntry) -> float:
+            try:
+                return (entry.path.parent / "complete").stat().st_mtime
+            except OSError:
+                return -math.inf
+
+        entries = [e for e in self.entries() if e.complete and e.image_id not in keep]
+        return sorted(entries, key=last_used)
 
     def discard(self, image_id: bytes) -> None:
         """Remove an image (partial or complete) from the cache."""

@@ -8,10 +8,16 @@ small tmpfs, and go through the Slurm Prolog/Epilog and the CLI as a cluster
 would:
 
 * the run directory (staged copies and job records, /run/p2pcast on a
-  node) too small for the unpacked tar; then with room, from the cache;
-* the node cache too small for the image; then with room;
-* one node of a broadcast with a cache too small: the others must not wait
-  for it (timed against the same broadcast with room on both);
+  node) without room left for the unpacked tar (a node fault); then with
+  room, from the cache;
+* a staging area or node cache smaller in all than the image: the image's
+  fault (ImageTooLarge, a user error), no node drains;
+* the node cache full of other files (a node fault, nothing left), then
+  with room;
+* a cache full of images nobody uses: the least recently used go to make
+  room; one staged for a running job stays;
+* one node of a broadcast whose cache cannot hold the image: the others must
+  not wait for it (timed against the same broadcast with room on both);
 * the run directory already full: neither the copy nor the record that
   would say why fits.
 """
@@ -34,7 +40,7 @@ import pytest
 
 from p2pcast import jobrecord
 from p2pcast import manifest as manifest_mod
-from p2pcast.errors import StoreError
+from p2pcast.errors import ImageTooLarge, StoreError
 from p2pcast.jobspec import NODE_FAULT
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
@@ -92,6 +98,19 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("ff")
     with mount_guard(path):
         yield path
+
+
+def _fill(directory: Path, leave: int) -> Path:
+    """A file that takes all but LEAVE bytes of DIRECTORY's filesystem (what
+    something other than p2pcast put there)."""
+    st = os.statvfs(directory)
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - leave)
+    finally:
+        os.close(fd)
+    return filler
 
 
 def _remount(path: Path, size: str) -> None:
@@ -160,11 +179,13 @@ def test_full_staging_area_fails_the_stage_and_keeps_the_cached_image(
 ) -> None:
     nodes = Nodes(work, 1, published["origin"])
     # The whole run directory, as /run/p2pcast on a node: the job records
-    # share the tmpfs with the staged copies.
-    with tmpfs(nodes.run_dir("n1"), SMALL) as run_dir:
+    # share the tmpfs with the staged copies. It could hold the unpacked
+    # image, but something else took all but 1 MiB of it.
+    with tmpfs(nodes.run_dir("n1"), ROOMY) as run_dir:
         staged = run_dir / "staged"
         try:
             nodes.start("n1")
+            filler = _fill(run_dir, 1024 * 1024)
             free = os.statvfs(run_dir).f_bfree
 
             result = nodes.run_hooks(PROLOG, 61, IMAGE)["n1"]
@@ -199,7 +220,7 @@ def test_full_staging_area_fails_the_stage_and_keeps_the_cached_image(
             assert os.statvfs(run_dir).f_bfree == free
 
             # With room, the next job stages the cached copy: no origin read.
-            _remount(run_dir, ROOMY)
+            filler.unlink()
             result = nodes.run_hooks(PROLOG, 62, IMAGE, mounts="/tmp:/data")["n1"]
             assert result.returncode == 0, result.stderr
             second = _broadcast(nodes, "n1", IMAGE)
@@ -247,6 +268,17 @@ def test_full_cache_fails_the_fetch_and_leaves_no_partial_image(
     with tmpfs(nodes.dir("n1") / "state" / "cache", SMALL) as cache:
         try:
             nodes.start("n1")
+            # A cache smaller in all than the image: the request's fault.
+            result = _cli(nodes, "n1", "fetch", IMAGE)
+            assert result.returncode == ImageTooLarge.exit_code, result.stderr
+            line = _one_error_line(result.stderr)
+            assert "error: image hpc/big needs 4.0 MiB of cache space" in line, line
+            assert f"more than this node's cache ({cache}) has in all (1.0 MiB)" in line, line
+            assert os.listdir(cache / "images") == []
+
+            # Room enough in all, but taken by something that is not a cached image.
+            _remount(cache, ROOMY)
+            filler = _fill(cache, 1024 * 1024)
             free = os.statvfs(cache).f_bfree
             started = time.monotonic()
             result = _cli(nodes, "n1", "fetch", IMAGE)
@@ -264,7 +296,7 @@ def test_full_cache_fails_the_fetch_and_leaves_no_partial_image(
             assert nodes.request("n1", "cache-list")["images"] == []
             assert "Traceback" not in _daemon_log(nodes, "n1")
 
-            _remount(cache, ROOMY)
+            filler.unlink()
             result = _cli(nodes, "n1", "fetch", IMAGE)
             assert result.returncode == 0, result.stderr
             progress = _broadcast(nodes, "n1", IMAGE)
@@ -290,9 +322,13 @@ def test_a_peer_with_a_full_cache_does_not_hold_up_the_broadcast(
             results = nodes.run_hooks(PROLOG, 71, OTHER)
             degraded = time.monotonic() - started
             assert results["n1"].returncode == 0, results["n1"].stderr
-            assert results["n2"].returncode == NODE_FAULT, results["n2"].stderr
+            # n2's cache could never hold the image: the job fails, n2 does not drain.
+            assert results["n2"].returncode == 0, results["n2"].stderr
             line = _one_error_line(results["n2"].stderr)
-            assert "(StoreError, node fault, draining): no space left on device" in line, line
+            assert "(ImageTooLarge, the job's steps will fail with it)" in line, line
+            record = jobrecord.read(nodes.run_dir("n2"), "71")
+            assert record is not None and record.error is not None
+            assert "of cache space" in record.error
             assert os.listdir(cache / "images") == []
             assert nodes.request("n2", "status")["broadcasts"] == []  # and it is up
             alone = _broadcast(nodes, "n1", OTHER)
@@ -332,18 +368,10 @@ def test_a_run_dir_filled_by_others_fails_cleanly_without_a_record(
     """/run full before the job starts (not by this image): the staging fails,
     and so does writing the job record that would say why."""
     nodes = Nodes(work, 1, published["origin"])
-    with tmpfs(nodes.run_dir("n1"), SMALL) as run_dir:
+    with tmpfs(nodes.run_dir("n1"), ROOMY) as run_dir:
         try:
             nodes.start("n1")
-            filler = run_dir / "filler"
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                while os.write(fd, b"\0" * 4096):
-                    pass
-            except OSError:
-                pass  # full, to the last page
-            finally:
-                os.close(fd)
+            filler = _fill(run_dir, 0)
             assert os.statvfs(run_dir).f_bfree == 0
             result = nodes.run_hooks(PROLOG, 81, IMAGE)["n1"]
             assert result.returncode == NODE_FAULT, result.stderr
@@ -361,5 +389,75 @@ def test_a_run_dir_filled_by_others_fails_cleanly_without_a_record(
             filler.unlink()
             epilog = nodes.run_hooks(EPILOG, 81, IMAGE)["n1"]
             assert epilog.returncode == 0, epilog.stderr
+        finally:
+            nodes.close()
+
+
+def test_a_staging_area_smaller_than_the_image_is_the_jobs_error(
+    work: Path, published: dict[str, Path]
+) -> None:
+    """A tar larger than the whole staging filesystem can never be unpacked on this
+    node: the job fails with ImageTooLarge and the node does not drain (a node
+    fault on every node of the allocation would drain them all, and a requeued job
+    more). The image itself still arrives and stays cached."""
+    nodes = Nodes(work, 1, published["origin"])
+    with tmpfs(nodes.run_dir("n1"), SMALL) as run_dir:
+        try:
+            nodes.start("n1")
+            result = nodes.run_hooks(PROLOG, 63, IMAGE)["n1"]
+            assert result.returncode == 0, result.stderr
+            line = _one_error_line(result.stderr)
+            assert "(ImageTooLarge, the job's steps will fail with it)" in line, line
+            assert "image hpc/big:1 unpacks to at least 3.0 MiB, more than this node's" in line
+            record = jobrecord.read(run_dir, "63")
+            assert record is not None and record.root is None
+            assert record.error is not None and "staging area" in record.error
+            assert os.listdir(run_dir / "staged") == []
+            assert nodes.request("n1", "status")["staged"] == []
+            done = _wait_complete(nodes, "n1", IMAGE)
+            _check_cache(nodes.dir("n1") / "state" / "cache", {done["image_id"]: published[IMAGE]})
+            epilog = nodes.run_hooks(EPILOG, 63, IMAGE)["n1"]
+            assert epilog.returncode == 0, epilog.stderr
+            assert jobrecord.read(run_dir, "63") is None
+        finally:
+            nodes.close()
+
+
+def test_images_nobody_uses_make_room_and_a_staged_one_stays(
+    work: Path, published: dict[str, Path]
+) -> None:
+    """A cache with room for one image: the next image evicts the one no job
+    uses; one staged for a running job is never evicted (the fetch fails as a
+    node fault instead, leaving the staged image whole), until its job ends."""
+    nodes = Nodes(work, 1, published["origin"])
+    with tmpfs(nodes.dir("n1") / "state" / "cache", "6m") as cache:
+        try:
+            nodes.start("n1")
+            assert _cli(nodes, "n1", "fetch", IMAGE).returncode == 0
+            big = _broadcast(nodes, "n1", IMAGE)["image_id"]
+            result = _cli(nodes, "n1", "fetch", OTHER)
+            assert result.returncode == 0, result.stderr
+            other = _broadcast(nodes, "n1", OTHER)["image_id"]
+            _check_cache(cache, {other: published[OTHER]})
+            log = _daemon_log(nodes, "n1")
+            assert f"cache full: removed hpc/big ({big[:12]}, 3.0 MiB) to make room for" in log
+
+            # OTHER staged for job 91: it must stay while the job runs.
+            staged = nodes.run_hooks(PROLOG, 91, OTHER)["n1"]
+            assert staged.returncode == 0, staged.stderr
+            result = _cli(nodes, "n1", "fetch", IMAGE)
+            assert result.returncode == StoreError.exit_code, result.stderr
+            assert "no space left on device while preparing" in _one_error_line(result.stderr)
+            _check_cache(cache, {other: published[OTHER]})
+            [copy] = nodes.request("n1", "status")["staged"]
+            assert copy["jobs"] == ["91"]
+
+            # Job over: OTHER is nobody's now, and goes for IMAGE.
+            assert nodes.run_hooks(EPILOG, 91, OTHER)["n1"].returncode == 0
+            result = _cli(nodes, "n1", "fetch", IMAGE)
+            assert result.returncode == 0, result.stderr
+            _check_cache(cache, {big: published[IMAGE]})
+            assert "cache full: removed hpc/other" in _daemon_log(nodes, "n1")
+            assert "Traceback" not in _daemon_log(nodes, "n1")
         finally:
             nodes.close()

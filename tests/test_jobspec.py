@@ -111,6 +111,7 @@ def test_peer_addresses() -> None:
         (errors.ImageNotFound, 0),
         (errors.BadImageName, 0),
         (errors.BadMountSpec, 0),
+        (errors.ImageTooLarge, 0),
         (errors.BadHostlist, 0),
         (errors.OriginUnavailable, 0),
         (errors.PeersUnreachable, 0),

@@ -18,7 +18,7 @@ from p2pcast.codec import Codec, encode_chunk
 from p2pcast.errors import ChunkCorrupt, ImageDigestMismatch, StoreError
 from p2pcast.hashing import chunk_digest
 from p2pcast.manifest import Manifest, image_id_of
-from p2pcast.store import ImageFile, NodeCache
+from p2pcast.store import ROOM_SLACK, ImageFile, NodeCache, space_needed
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -351,6 +351,37 @@ def test_entries_gc_and_remove_partial(cache: NodeCache) -> None:
     cache.discard(done.image_id)
     assert list(cache.entries()) == []
     cache.discard(done.image_id)  # discarding twice is fine
+
+
+def test_least_recently_used_orders_complete_images_by_last_use(cache: NodeCache) -> None:
+    images = [build_image(mixed_bytes(2, seed=i), name=f"lru/{i}") for i in range(4)]
+    for img in images[:3]:
+        with opened(cache, img) as f:
+            write_all(f, img)
+            f.mark_complete()
+    with opened(cache, images[3]) as f:  # a partial one is never a candidate
+        f.write_chunk(0, images[3].stored[0])
+    # Completed in the order 0, 1, 2 an hour ago; then 0 opened again (used now).
+    for age, img in zip((3600, 3500, 3400), images[:3], strict=True):
+        marker = cache.image_path(img.image_id).parent / "complete"
+        os.utime(marker, (time.time() - age, time.time() - age))
+    with opened(cache, images[0]) as f:
+        assert f.complete
+    order = [e.name for e in cache.least_recently_used(keep=set())]
+    assert order == ["lru/1", "lru/2", "lru/0"]
+    keep = {images[2].image_id.hex()}
+    assert [e.name for e in cache.least_recently_used(keep)] == ["lru/1", "lru/0"]
+
+
+def test_space_and_what_an_image_needs(cache: NodeCache, image: Image) -> None:
+    free, total = cache.space()
+    assert 0 < free <= total
+    stored = sum(c.stored_size for c in image.manifest.chunks() if c.codec is not Codec.RAW)
+    assert space_needed(image.manifest) == len(image.raw) + stored + ROOM_SLACK
+    assert cache.held_bytes(image.image_id) == 0
+    with opened(cache, image):
+        # The reservation made at open is what a resumed copy already holds.
+        assert cache.held_bytes(image.image_id) >= len(image.raw) + stored
 
 
 def test_cache_root_that_cannot_be_created(tmp_path: Path) -> None:
