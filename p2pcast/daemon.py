@@ -29,6 +29,7 @@ from p2pcast.errors import (
     ConfigError,
     ImageTooLarge,
     InternalError,
+    LocalError,
     NotPermitted,
     P2PCastError,
     ProtocolError,
@@ -247,7 +248,13 @@ class Daemon:
             }
         elif op == "fetch":
             self._check_fetch_caller(body)
-            broadcast = await self.fetch(body)
+            try:
+                broadcast = await self.fetch(body)
+            except LocalError as exc:
+                # The caller is told; a fault of this node (a full or broken
+                # cache) also goes in the log, where an administrator looks.
+                log.warning("fetch of %s failed: %s", body.get("image"), exc)
+                raise
             if body.get("wait", True):
                 await self._watch(broadcast, writer)
             result = broadcast.progress()

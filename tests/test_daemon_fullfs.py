@@ -290,10 +290,11 @@ def test_full_cache_fails_the_fetch_and_leaves_no_partial_image(
             # Nothing of the image stays, not even the space it reserved.
             assert os.listdir(cache / "images") == []
             assert os.statvfs(cache).f_bfree == free
-            # The daemon is up and has nothing half-made to show.
+            # The daemon is up and has nothing half-made to show; its log says why.
             assert nodes.procs["n1"].poll() is None
             assert nodes.request("n1", "status")["broadcasts"] == []
             assert nodes.request("n1", "cache-list")["images"] == []
+            assert f"fetch of {IMAGE} failed: no space left on device" in _daemon_log(nodes, "n1")
             assert "Traceback" not in _daemon_log(nodes, "n1")
 
             filler.unlink()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from p2pcast import manifest as manifest_mod
-from p2pcast.codec import decode_chunk
+from p2pcast.codec import Codec, decode_chunk
 from p2pcast.errors import (
     BadImageName,
     ConfigError,
@@ -29,7 +29,7 @@ from p2pcast.errors import (
     OriginUnavailable,
 )
 from p2pcast.hashing import chunk_digest
-from p2pcast.manifest import Manifest
+from p2pcast.manifest import ChunkRef, Manifest
 from p2pcast.names import ImageRef
 from p2pcast.origins import s3 as s3_module
 from p2pcast.origins.base import (
@@ -336,6 +336,31 @@ def test_wrong_credentials_are_a_config_error_naming_the_key(ceph: Ceph) -> None
 
 
 # -- absent things, failover, corruption ---------------------------------------------------
+
+
+def test_the_first_pushes_to_a_new_bucket_race_to_make_it(ceph: Ceph) -> None:
+    """Regression (CI): a push's concurrent chunk writes all found no bucket and
+    all created it; radosgw answered one of the racing creates 409
+    BucketAlreadyExists, and the push failed. Now one create per client, and a
+    BucketAlreadyExists that we can reach is ours. Two clients race here too."""
+    config = s3_config(ceph)
+
+    async def run() -> None:
+        async with (
+            S3Origin.from_url("s3://race-bucket", config) as one,
+            S3Origin.from_url("s3://race-bucket", config) as two,
+        ):
+            chunks = [ChunkRef(i, 0, 100, 100, Codec.RAW, bytes([i]) * 16) for i in range(8)]
+            writes = [
+                origin.put_chunk(chunk, bytes([chunk.index]) * 100)
+                for chunk in chunks
+                for origin in (one, two)
+            ]
+            await asyncio.gather(*writes)
+
+    asyncio.run(run())
+    keys = bucket_keys(ceph, "race-bucket")
+    assert len(keys) == 8, sorted(keys)
 
 
 def test_no_such_bucket_or_image_is_image_not_found(ceph: Ceph) -> None:

@@ -161,6 +161,9 @@ class S3Origin(Origin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
         self._slots: asyncio.Semaphore | None = None
+        #: the bucket is known to exist (made by us or found), and who makes it
+        self._bucket_made = False
+        self._making_bucket: asyncio.Lock | None = None
         self._current = 0  # the endpoint that answered last
         self._key_id: str | None = None  # for messages: which key a refusal was about
         #: attempts that failed and were retried; switches to another endpoint
@@ -313,13 +316,27 @@ class S3Origin(Origin):
             try:
                 await client.create_bucket(Bucket=self.bucket)
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) != "BucketAlreadyOwnedByYou":  # a concurrent put made it
+                code = _code(exc)
+                if code == "BucketAlreadyOwnedByYou":  # another client's push made it
+                    return
+                if code != "BucketAlreadyExists":
                     raise
+                # radosgw answers this, not ...OwnedByYou, to a create that races
+                # another by the same user (seen in CI). Ours if we may reach it;
+                # someone else's bucket fails here with a refusal that says so.
+                await client.head_bucket(Bucket=self.bucket)
 
-        try:
-            await self._call(create, f"bucket {self.bucket}")
-        except _Absent:
-            raise OriginError(f"cannot create bucket {self.bucket} at {self.url}") from None
+        # The first push's concurrent chunk writes all find no bucket: one creates it.
+        if self._making_bucket is None:
+            self._making_bucket = asyncio.Lock()
+        async with self._making_bucket:
+            if self._bucket_made:
+                return
+            try:
+                await self._call(create, f"bucket {self.bucket}")
+            except _Absent:
+                raise OriginError(f"cannot create bucket {self.bucket} at {self.url}") from None
+            self._bucket_made = True
 
     # -- requests, retries and failover ------------------------------------------
 
