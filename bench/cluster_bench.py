@@ -91,7 +91,7 @@ from typing import Any
 from bench import cluster_methods as cm
 from bench.ceph_origin import CephOrigin
 from p2pcast.cli import parse_size
-from p2pcast.demo import make_image
+from p2pcast.demo import make_image, stop_processes
 from p2pcast.hashing import file_sha256
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
@@ -457,7 +457,7 @@ def run_n(
                     say(_row(rec), flush=True)
         finally:
             if server is not None:
-                cm._stop([server])
+                stop_processes([server])
     return records
 
 

@@ -50,6 +50,7 @@ from bench.ceph_origin import CephOrigin
 from bench.lying_daemon import LIE_MARK
 from p2pcast import control
 from p2pcast.auth import write_secret_file
+from p2pcast.demo import stop_processes
 from tools.cluster import Cluster, netns_pids
 
 #: How often the kill watcher looks at the victim's progress (s).
@@ -226,20 +227,6 @@ def origin_tx_bytes(cluster: Cluster) -> int:
 # ---- helpers ------------------------------------------------------------------------
 
 
-def _stop(procs: list[subprocess.Popen[Any]]) -> None:
-    """SIGTERM, then SIGKILL after 10 s, each process we started (by PID); reap them."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _wait_all(
     procs: dict[str, subprocess.Popen[Any]],
     t0: float,
@@ -264,7 +251,7 @@ def _wait_all(
         t.join()
     late = sorted(set(procs) - set(ends))
     if late:
-        _stop(list(procs.values()))
+        stop_processes(list(procs.values()))
         if incomplete is None:
             raise TimeoutError(f"not done after {timeout:.0f} s: {', '.join(late)}")
         incomplete |= {node: f"not done after {timeout:.0f} s" for node in late}
@@ -529,7 +516,7 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                 if code is not None and node != setup.victim:
                     incomplete[node] = f"{message} (daemon ended: returncode {code})"
     finally:
-        _stop(list(procs.values()))
+        stop_processes(list(procs.values()))
     keep = (
         "from_origin", "from_peers", "origin_bytes_read", "requests_sent", "busy_answers",
         "dead_peers", "state",
@@ -605,7 +592,7 @@ def run_http(setup: Setup, meter: CpuMeter) -> MethodRun:
         wall = time.monotonic() - t0
         cpu = meter.stop()
     finally:
-        _stop(list(procs.values()))
+        stop_processes(list(procs.values()))
     extra: dict[str, Any] = {"cpu": cpu}
     if killer is not None and incomplete is not None:
         extra |= {"incomplete": incomplete, "kill": killer.record()}
@@ -684,7 +671,7 @@ def run_chain(setup: Setup, meter: CpuMeter) -> MethodRun:
         wall = time.monotonic() - t0
         cpu = meter.stop()
     finally:
-        _stop(list(procs.values()))
+        stop_processes(list(procs.values()))
     extra: dict[str, Any] = {"cpu": cpu}
     if killer is not None and incomplete is not None:
         # A hop whose neighbour died still ends (EOF or a broken pipe) and stamps
@@ -924,8 +911,8 @@ def run_aria2(setup: Setup, meter: CpuMeter) -> MethodRun:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
                     proc.send_signal(signal.SIGTERM)
-        _stop(aria)
-        _stop([p for name, p in procs.items() if name == "tracker"])
+        stop_processes(aria)
+        stop_processes([p for name, p in procs.items() if name == "tracker"])
         for f in logs:
             f.close()
         shutil.rmtree(listdir, ignore_errors=True)

@@ -46,7 +46,7 @@ from typing import Any
 
 from p2pcast import control
 from p2pcast.auth import write_secret_file
-from p2pcast.demo import free_port
+from p2pcast.demo import free_port, stop_processes
 from p2pcast.names import ImageRef
 from p2pcast.origins.directory import DirectoryOrigin
 from p2pcast.publish import push
@@ -272,14 +272,7 @@ class Daemons:
         return found
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
         self.procs.clear()
         for name in NODES:  # what a failed run left staged
             staged = self.run_dir(name) / "staged"

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import sys
+from typing import Any
 
 from p2pcast import daemon as daemon_mod
 from p2pcast.cli import main
@@ -38,19 +39,21 @@ LIE_EVERY = 4
 class LyingPeerService(PeerService):
     """A PeerService that corrupts every LIE_EVERY-th chunk it serves."""
 
-    served = 0
-    lies = 0
-    #: link -> the memfd holding the last lie sent on it. A link sends one chunk
-    #: at a time, so when it asks for the next body the previous sendfile has
-    #: returned and its fd may close (the socket holds its own page references).
-    _lie_fds: dict[PeerLink, int] = {}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served = 0
+        #: link -> the memfd holding the last lie sent on it. A link sends one
+        #: chunk at a time, so when it asks for the next body the previous
+        #: sendfile has returned and its fd may close (the socket holds its own
+        #: page references).
+        self._lie_fds: dict[PeerLink, int] = {}
 
     def _serve(self, link: PeerLink, event: Event) -> None:
         if isinstance(event, ChunkRequested):
             broadcast = self.broadcasts.get(event.image_id)
             if broadcast is not None and broadcast.swarm.have[event.index]:
-                type(self).served += 1
-                if type(self).served % LIE_EVERY == 0:
+                self.served += 1
+                if self.served % LIE_EVERY == 0:
                     index = event.index
                     link.send_chunk(
                         event.image_id, index, lambda: self._corrupt(link, broadcast, index)
@@ -71,7 +74,6 @@ class LyingPeerService(PeerService):
         fd = os.memfd_create("p2pcast-lie")
         os.write(fd, stored)
         self._lie_fds[link] = fd
-        type(self).lies += 1
         log.warning("lying to %s: chunk %d, byte %d flipped", link.peer_node, index, where)
         return FileSlice(fd, 0, len(stored))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,23 @@ def make_image(path: Path, size: int, seed: int = 7) -> None:
             tar.addfile(info, io.BytesIO(data))
             written += member + 512
             n += 1
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
+    """SIGTERM every process we started (by PID), then SIGKILL what is still
+    there after TIMEOUT seconds; reap them all. Used by the demo, the
+    benchmarks and the tests for their daemons and helpers."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port(host: str) -> int:
@@ -148,15 +167,7 @@ class DemoCluster:
             await control.wait_ready(self.control(name), proc.poll, log, deadline, f"daemon {name}")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
 
 
 async def broadcast(

@@ -18,7 +18,7 @@ from typing import Any
 
 from p2pcast import control
 from p2pcast.auth import write_secret_file
-from p2pcast.demo import free_port
+from p2pcast.demo import free_port, stop_processes
 from p2pcast.stage import unstage_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,12 +85,7 @@ class Nodes:
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc])
 
     def close(self) -> None:
         """Stop every daemon, then unstage whatever a failed test left staged."""

@@ -124,16 +124,9 @@ def test_eof_mid_body_is_the_peers_protocol_error(loop: str) -> None:
     async def main() -> list[P2PCastError | None]:
         handler = Recorder()
         link, theirs = _downstream_link(handler, zero_copy=True)
-        loop = asyncio.get_running_loop()
         try:
-            upstream = PeerConnection(Role.UPSTREAM, "n2", nonce=nonce(5))
-            hello_and_auth = upstream.hello() + encode_frame(Auth("none", b"").encode_fields())
-            await loop.sock_sendall(theirs, hello_and_auth)
-            await asyncio.wait_for(link.ready(5), 5)
-            link.send(link.conn.subscribe(IMAGE) + link.conn.request(IMAGE, 0))
             # A header announcing 1000 bytes, 10 of them, then EOF.
-            chunk = encode_frame(Chunk(IMAGE, 0, 1000).encode_fields()) + bytes(10)
-            await loop.sock_sendall(theirs, chunk)
+            await _upstream_sending(theirs, link, bytes(10), 0, 1)
             theirs.shutdown(socket.SHUT_WR)
             await asyncio.wait_for(link.lost.wait(), 5)
         finally:
