@@ -687,7 +687,9 @@ class Cluster:
         """Undo `cut`, and return once the link carries packets again. The bridge has
         no STP, but the kernel reports a veth's carrier asynchronously (link-watch
         events can wait up to a second): until the port is up and forwarding, a
-        packet still goes nowhere."""
+        packet still goes nowhere. An ARP resolution that began during the cut
+        keeps its one-second retry, as on a real network: the first reply from
+        the cut host can wait for it."""
         require_privileges()
         veth = self.host(node).veth
         _batch("ip", [f"link set {veth} up"])
