@@ -387,11 +387,17 @@ def _file_progress(path: str, size: int) -> Callable[[], float | None]:
 # ---- p2pcast ------------------------------------------------------------------------
 
 
+def _sockets(work: Path) -> Path:
+    """A short directory of its own for a run's control sockets. A UNIX socket path
+    is limited to 107 bytes, and one under the run's directory went past it: under
+    pytest's tmp_path, "pytest-99" became "pytest-100" and the origin-outage run's
+    "...-origin-outage-r0/n1.sock" no longer fit (the daemon could not start)."""
+    digest = hashlib.sha256(str(work).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"p2pcast-cb-{digest}"
+
+
 def _control(work: Path, node: str) -> str:
-    # Beside the node's state directory, not in it: a UNIX socket path is limited
-    # to 107 bytes, and a run's directory under pytest's tmp_path with a long
-    # scenario name ("...-origin-outage-r0/n1/control.sock") went past it.
-    return str(work / f"{node}.sock")
+    return str(_sockets(work) / f"{node}.sock")
 
 
 async def _ready(setup: Setup, procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -463,6 +469,7 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
     """One p2pcast daemon per node (started first, not timed), then one broadcast."""
     cluster = setup.cluster
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    _sockets(setup.work).mkdir(mode=0o700, exist_ok=True)
     try:
         for node, address in cluster.addresses.items():
             state = setup.work / node
@@ -517,6 +524,7 @@ def run_p2pcast(setup: Setup, meter: CpuMeter, loop: str = "uvloop") -> MethodRu
                     incomplete[node] = f"{message} (daemon ended: returncode {code})"
     finally:
         stop_processes(list(procs.values()))
+        shutil.rmtree(_sockets(setup.work), ignore_errors=True)
     keep = (
         "from_origin", "from_peers", "origin_bytes_read", "requests_sent", "busy_answers",
         "dead_peers", "state",
